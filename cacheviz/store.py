@@ -1,0 +1,130 @@
+"""Persistence under the data directory: tensors as safetensors, results as JSON.
+
+Everything is keyed by a hash of the configuration that determines it, written atomically
+(temp file in the same folder, fsync, rename) and checked on read, so a crash mid-write or a
+damaged file costs a rebuild, never a wrong answer.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import warnings
+import zlib
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from safetensors.torch import load_file, save
+
+from . import __version__
+
+# Bump when a change to the engine alters what a stored artefact means.
+FORMAT_VERSION = 1
+
+
+def config_hash(config: dict[str, Any]) -> str:
+    """Stable 16-hex-digit key of a JSON-able configuration (key order does not matter)."""
+    blob = json.dumps(config, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to `path` so readers see either the old file or the whole new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    atomic_write_bytes(path, json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
+
+
+def _checksum(tensors: dict[str, torch.Tensor]) -> str:
+    crc = 0
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        crc = zlib.crc32(name.encode(), crc)
+        crc = zlib.crc32(t.view(torch.uint8).reshape(-1).numpy().tobytes() if t.numel() else b"", crc)
+    return f"{crc:08x}"
+
+
+def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    """Save tensors with `meta` (JSON-able) and a checksum in the safetensors header."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    header = {
+        "meta": json.dumps(meta, sort_keys=True, default=str),
+        "format_version": str(FORMAT_VERSION),
+        "code_version": __version__,
+        "crc32": _checksum(tensors),
+    }
+    atomic_write_bytes(path, save(tensors, metadata=header))
+
+
+def load_tensors(
+    path: str | os.PathLike, expect_meta: dict[str, Any] | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+    """Load what `save_tensors` wrote; None (with a warning) if missing, corrupt or mismatched.
+
+    `expect_meta`, when given, must equal the stored meta, so a hash collision or a stale file
+    written by another configuration is never mistaken for the right one.
+    """
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        tensors = load_file(str(path))
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+        if header.get("format_version") != str(FORMAT_VERSION):
+            raise ValueError("stored by another format version")
+        if header.get("crc32") != _checksum(tensors):
+            raise ValueError("checksum mismatch")
+        meta = json.loads(header["meta"])
+        if expect_meta is not None and json.loads(json.dumps(expect_meta, sort_keys=True, default=str)) != meta:
+            raise ValueError("stored for another configuration")
+    except Exception as exc:  # any damage means: rebuild
+        warnings.warn(f"{path.name} is unusable ({exc}); it will be rebuilt.", stacklevel=2)
+        return None
+    return tensors, meta
+
+
+def load_json(path: str | os.PathLike) -> Any | None:
+    """Read a JSON file; None (with a warning) if missing or corrupt."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        warnings.warn(f"{path.name} is unusable ({exc}); it will be rebuilt.", stacklevel=2)
+        return None
+
+
+def cached_tensors(
+    path: str | os.PathLike,
+    meta: dict[str, Any],
+    build: Callable[[], dict[str, torch.Tensor]],
+) -> dict[str, torch.Tensor]:
+    """Return the tensors stored at `path` for `meta`, building and saving them if needed."""
+    hit = load_tensors(path, expect_meta=meta)
+    if hit is not None:
+        return hit[0]
+    tensors = build()
+    save_tensors(path, tensors, meta)
+    return tensors
