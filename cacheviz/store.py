@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from safetensors.torch import load_file, save
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from . import __version__
 
@@ -58,7 +59,9 @@ def _checksum(tensors: dict[str, torch.Tensor]) -> str:
     for name in sorted(tensors):
         t = tensors[name].detach().cpu().contiguous()
         crc = zlib.crc32(name.encode(), crc)
-        crc = zlib.crc32(t.view(torch.uint8).reshape(-1).numpy().tobytes() if t.numel() else b"", crc)
+        if t.numel():
+            # memoryview: checksum in place, no copy of a multi-GB tensor
+            crc = zlib.crc32(memoryview(t.reshape(-1).view(torch.uint8).numpy()), crc)
     return f"{crc:08x}"
 
 
@@ -71,7 +74,22 @@ def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta
         "code_version": __version__,
         "crc32": _checksum(tensors),
     }
-    atomic_write_bytes(path, save(tensors, metadata=header))
+    # save_file streams to disk; building the bytes in memory would double peak memory
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=header)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
 
 
 def load_tensors(
@@ -87,8 +105,6 @@ def load_tensors(
         return None
     try:
         tensors = load_file(str(path))
-        from safetensors import safe_open
-
         with safe_open(str(path), framework="pt") as f:
             header = f.metadata() or {}
         if header.get("format_version") != str(FORMAT_VERSION):

@@ -1,0 +1,297 @@
+"""Runs the paper's evaluation end to end: data -> model -> features -> cache -> tuning.
+
+Every heavy intermediate (decoded data, per-layer features, results) persists under the data
+directory keyed by what determines it, so a second run, or the app, reuses it at once.
+"""
+from __future__ import annotations
+
+import json
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from . import __version__, store
+from .cache import CacheMemory, SimilarityBlock
+from .config import Setup
+from .data import Dataset, Split, load_dataset, make_split
+from .errors import CachevizError
+from .features import extract, list_layers, make_keys, resolve_layers
+from .models import ModelSpec, load_model
+from .tuning import accuracy, default_grid, grid_search
+
+ProgressFn = Callable[[int, int, str], None]
+
+STAGES = ("load data", "extract train features", "extract test features", "grid search", "test")
+
+
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """'auto' picks CUDA when there is one, else the CPU."""
+    if device in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise CachevizError(f"Unknown device '{device}'; use cpu, cuda or auto.") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise CachevizError("CUDA was asked for but this machine has no usable GPU; use --device cpu.")
+    if dev.type not in ("cpu", "cuda"):
+        raise CachevizError(f"Unsupported device '{device}'; use cpu, cuda or auto.")
+    return dev
+
+
+@dataclass
+class Workspace:
+    """A loaded setup: the dataset, the model, the split and the resolved key layers."""
+
+    setup: Setup
+    data_dir: Path
+    device: torch.device
+    ds: Dataset
+    spec: ModelSpec
+    split: Split
+    layers: list[str]
+    batch_size: int = 256
+
+    def _feature_meta(self, part: str, idx: torch.Tensor, layer: str, flip: bool) -> dict:
+        dims = {i.name: i.dim for i in list_layers(self.spec)}
+        pd = self.setup.project_dim
+        projected = bool(pd and dims[layer] > pd)
+        return {
+            "kind": "features",
+            "dataset": self.ds.fingerprint,
+            "model": self.spec.name,
+            "weights": self.spec.weights_id,
+            "part": part,
+            "items": store.config_hash({"idx": idx.tolist()}),
+            "n": len(idx),
+            "layer": layer,
+            "flip": flip,
+            "project_dim": pd if projected else None,
+            "projection_seed": self.setup.seed if projected else None,
+            "format": store.FORMAT_VERSION,
+        }
+
+    def features(
+        self,
+        part: str,
+        idx: torch.Tensor,
+        layers: list[str],
+        flip: bool = False,
+        progress: ProgressFn | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """{layer: (N', d)} for items `idx` of `part`; stored layers load, the rest come from ONE pass."""
+        out: dict[str, torch.Tensor] = {}
+        metas = {}
+        for layer in layers:
+            meta = self._feature_meta(part, idx, layer, flip)
+            metas[layer] = meta
+            hit = store.load_tensors(self._feature_path(layer, meta), expect_meta=meta)
+            if hit is not None:
+                out[layer] = hit[0]["x"]
+        missing = [l for l in layers if l not in out]
+        if missing:
+            images = (self.ds.train_x if part == "train" else self.ds.test_x)[idx]
+            got = extract(
+                self.spec, images, missing, batch_size=self.batch_size, device=self.device,
+                flip=flip, project_dim=self.setup.project_dim, seed=self.setup.seed, progress=progress,
+            )
+            for layer, x in got.items():
+                store.save_tensors(self._feature_path(layer, metas[layer]), {"x": x}, metas[layer])
+            out.update(got)
+        elif progress:
+            progress(len(idx), len(idx), "features loaded from the store")
+        return out
+
+    def _feature_path(self, layer: str, meta: dict) -> Path:
+        slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{self.spec.name}-{layer}")
+        return self.data_dir / "features" / f"{slug}-{store.config_hash(meta)}.safetensors"
+
+
+def prepare(
+    setup: Setup,
+    data_dir: str | Path,
+    device: str | torch.device = "auto",
+    batch_size: int = 256,
+    progress: ProgressFn | None = None,
+) -> Workspace:
+    """Load data and model and check they fit together."""
+    if batch_size < 1:
+        raise CachevizError(f"batch-size must be a positive whole number; got {batch_size}.")
+    data_dir = Path(data_dir)
+    dev = resolve_device(device)
+    ds = load_dataset(setup.dataset, data_dir, progress=progress)
+    spec = load_model(setup.model, data_dir, checkpoint=setup.checkpoint, progress=progress)
+    if spec.classes is not None and len(spec.classes) != len(ds.classes):
+        raise CachevizError(
+            f"{spec.name} predicts {len(spec.classes)} classes but {setup.dataset} has {len(ds.classes)}; "
+            f"choose a model trained on {setup.dataset} or pass --checkpoint with one."
+        )
+    layers = resolve_layers(spec, list(setup.layers) or None)
+    split = make_split(
+        ds, seed=setup.seed, val_from_train=setup.val_from_train, val_fraction=setup.val_fraction,
+        train_limit=setup.train_limit, test_limit=setup.test_limit,
+    )
+    return Workspace(setup, data_dir, dev, ds, spec, split, layers, batch_size)
+
+
+def _rows(universe: torch.Tensor, idx: torch.Tensor, flip: bool) -> torch.Tensor:
+    """Rows of features extracted for sorted `universe` (+ flips after) that hold items `idx`."""
+    pos = torch.searchsorted(universe, idx)
+    return torch.cat([pos, pos + len(universe)]) if flip else pos
+
+
+def result_path(setup: Setup, data_dir: str | Path) -> Path:
+    return Path(data_dir) / "results" / f"evaluate-{store.config_hash(_result_key(setup))}.json"
+
+
+def _result_key(setup: Setup) -> dict:
+    # through JSON, so it compares equal to the copy read back from disk (tuples become lists)
+    return json.loads(json.dumps({"kind": "evaluate", "setup": setup.to_dict(), "format": store.FORMAT_VERSION}))
+
+
+def evaluate(
+    setup: Setup,
+    data_dir: str | Path,
+    device: str | torch.device = "auto",
+    batch_size: int = 256,
+    progress: ProgressFn | None = None,
+    force: bool = False,
+) -> dict:
+    """Baseline, cache and cache-only accuracy with theta and lam tuned on validation.
+
+    Returns a JSON-able dict (see the README for the fields); persisted under results/.
+    """
+    resolve_device(device)  # a bad device is an error even when the result is already stored
+    path = result_path(setup, data_dir)
+    if not force:
+        cached = store.load_json(path)
+        if cached is not None and cached.get("key") == _result_key(setup):
+            return cached["result"]
+    t0 = time.perf_counter()
+    stage = _Stages(progress)
+    stage.begin("load data")
+    ws = prepare(setup, data_dir, device, batch_size, progress=stage.inner)
+    sp, layers, flip = ws.split, ws.layers, setup.flip
+    from_train = sp.val_part == "train"
+
+    # Training items: the test-time cache (a superset of the tuning cache), plus the validation
+    # items themselves when they come from the training set.
+    stage.begin("extract train features")
+    train_u = sp.cache_test_idx
+    train_layers = layers + (["logits"] if from_train else [])
+    tf = ws.features("train", train_u, train_layers, flip=flip, progress=stage.inner)
+    stage.begin("extract test features")
+    test_u = torch.unique(torch.cat([sp.test_idx, sp.val_idx])) if not from_train else sp.test_idx
+    qf = ws.features("test", test_u, layers + ["logits"], progress=stage.inner)
+
+    keys_all = make_keys({l: tf[l] for l in layers}, layers)
+    y_train = ws.ds.train_y[train_u]
+    y_cache = torch.cat([y_train, y_train]) if flip else y_train
+    n_classes = len(ws.ds.classes)
+    q_test_all = make_keys(qf, layers)
+    p_test_all = torch.softmax(qf["logits"], dim=1)
+
+    if from_train:
+        vrows = _rows(train_u, sp.val_idx, flip=False)
+        q_val = keys_all[vrows]
+        p_val = torch.softmax(tf["logits"][vrows], dim=1)
+        crow = _rows(train_u, sp.cache_val_idx, flip)
+        mem_val = CacheMemory(keys_all[crow], y_cache[crow], n_classes, ws.device)
+        trow = _rows(test_u, sp.test_idx, False)
+    else:
+        vrows = _rows(test_u, sp.val_idx, False)
+        q_val, p_val = q_test_all[vrows], p_test_all[vrows]
+        trow = _rows(test_u, sp.test_idx, False)
+        mem_val = None
+    y_val = ws.ds.train_y[sp.val_idx] if from_train else ws.ds.test_y[sp.val_idx]
+    mem_test = CacheMemory(keys_all, y_cache, n_classes, ws.device)
+    if mem_val is None:
+        mem_val = mem_test
+    del keys_all
+
+    stage.begin("grid search")
+    thetas, lams = default_grid(setup.n_theta, setup.n_lam)
+    grid = grid_search(mem_val, q_val, p_val, y_val, thetas, lams, progress=stage.inner)
+    del mem_val
+
+    stage.begin("test")
+    q_test, p_test, y_test = q_test_all[trow], p_test_all[trow], ws.ds.test_y[sp.test_idx]
+    p_cache = torch.empty_like(p_test)
+    p_cache_only = torch.empty_like(p_test)
+    knn_k = 10
+    knn_pred = torch.empty(len(q_test), dtype=torch.long)
+    with torch.no_grad():
+        for sl, sims in mem_test.iter_similarities(q_test):
+            block = SimilarityBlock(sims, mem_test.values)
+            pm = block.p_mem(grid.theta)
+            p_cache[sl] = ((1 - grid.lam) * p_test[sl].to(pm.device) + grid.lam * pm).cpu()
+            p_cache_only[sl] = block.p_mem(grid.theta_cache_only).cpu()
+            nn_idx = sims.topk(min(knn_k, len(mem_test)), dim=1).indices
+            knn_pred[sl] = mem_test.values[nn_idx].sum(1).argmax(1).cpu()
+            stage.inner(sl.stop, len(q_test), "test")
+    pred_net, pred_cache = p_test.argmax(1), p_cache.argmax(1)
+    result = {
+        "baseline_acc": accuracy(p_test, y_test),
+        "cache_acc": accuracy(p_cache, y_test),
+        "cache_only_acc": accuracy(p_cache_only, y_test),
+        "knn_acc": float((knn_pred == y_test).float().mean()),
+        "knn_k": knn_k,
+        "baseline_acc_val": grid.baseline_acc,
+        "cache_acc_val": grid.best_acc,
+        "cache_only_acc_val": grid.best_acc_cache_only,
+        "baseline_acc_all_test": accuracy(p_test_all, ws.ds.test_y[test_u]),
+        "theta": grid.theta,
+        "lam": grid.lam,
+        "theta_cache_only": grid.theta_cache_only,
+        "n_fixed": int(((pred_net != y_test) & (pred_cache == y_test)).sum()),
+        "n_broken": int(((pred_net == y_test) & (pred_cache != y_test)).sum()),
+        "n_cache": len(mem_test),
+        "n_cache_val": len(sp.cache_val_idx) * (2 if flip else 1),
+        "n_val": len(y_val),
+        "n_test": len(y_test),
+        "val_part": sp.val_part,
+        "dataset": setup.dataset,
+        "model": ws.spec.name,
+        "layers": layers,
+        "key_dim": int(q_test.shape[1]),
+        "flip": flip,
+        "device": str(ws.device),
+        "grid": {
+            "thetas": thetas,
+            "lams": lams,
+            "acc": grid.acc.tolist(),
+            "acc_cache_only": grid.acc_cache_only.tolist(),
+        },
+        "setup": setup.to_dict(),
+        "code_version": __version__,
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
+    store.save_tensors(
+        path.with_suffix(".safetensors"),
+        {"test_idx": sp.test_idx, "y": y_test, "pred_net": pred_net, "pred_cache": pred_cache,
+         "pred_cache_only": p_cache_only.argmax(1), "p_net": p_test, "p": p_cache},
+        _result_key(setup),
+    )
+    store.atomic_write_json(path, {"key": _result_key(setup), "result": result})
+    return result
+
+
+class _Stages:
+    """Turns per-stage progress into one callback: message 'stage: detail', done/total per stage."""
+
+    def __init__(self, progress: ProgressFn | None):
+        self.progress = progress
+        self.stage = ""
+
+    def begin(self, name: str):
+        self.stage = name
+        if self.progress:
+            self.progress(0, 1, name)
+
+    def inner(self, done: int, total: int, message: str = ""):
+        if self.progress:
+            self.progress(done, total, self.stage if not message or message == self.stage else f"{self.stage}: {message}")

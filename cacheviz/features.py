@@ -1,0 +1,211 @@
+"""Tappable layers and one-pass multi-layer feature extraction.
+
+Layer names are module paths (torchvision's `feature_extraction` convention), plus two pseudo
+layers: `input` (the preprocessed image, depth 0) and `logits` (the output, depth 1).
+"""
+from __future__ import annotations
+
+import difflib
+import weakref
+import zlib
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .errors import CachevizError
+
+ProgressFn = Callable[[int, int, str], None]
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    name: str
+    shape: tuple[int, ...]  # one item's activation shape, e.g. (64, 8, 8)
+    dim: int  # flattened size
+    depth: float  # normalised depth l/L: 0 = input image, 1 = output logits
+
+
+class _StopForward(Exception):
+    """Raised from a hook once every wanted activation is in hand, to skip the rest of the net."""
+
+
+def resolve_layers(spec, names: Sequence[str] | str | None) -> list[str]:
+    """Validate layer names against the model's tappable layers; None gives the defaults."""
+    if names is None or names == "" or names == []:
+        return list(spec.default_layers)
+    if isinstance(names, str):
+        names = [n.strip() for n in names.split(",") if n.strip()]
+    known = [n for n, _ in spec.layers]
+    out: list[str] = []
+    for n in names:
+        if n not in known:
+            close = difflib.get_close_matches(n, known, n=3)
+            hint = f" Did you mean {', '.join(close)}?" if close else ""
+            raise CachevizError(
+                f"Unknown layer '{n}' for {spec.name}.{hint} "
+                f"List the layers with: python -m cacheviz layers --model {spec.name}"
+            )
+        if n not in out:
+            out.append(n)
+    if not out:
+        raise CachevizError(f"No layers given; list them with: python -m cacheviz layers --model {spec.name}")
+    return out
+
+
+def _ordered(spec, layers: Sequence[str]) -> list[str]:
+    order = {n: i for i, (n, _) in enumerate(spec.layers)}
+    return sorted(layers, key=order.__getitem__)
+
+
+class _Taps:
+    """Forward hooks that collect the outputs of named modules during one forward pass."""
+
+    def __init__(self, net: torch.nn.Module, names: Sequence[str], stop_after: str | None = None):
+        modules = dict(net.named_modules())
+        self.out: dict[str, torch.Tensor] = {}
+        self.handles = []
+        for name in names:
+            if name in ("input", "logits"):
+                continue
+            self.handles.append(modules[name].register_forward_hook(self._hook(name, name == stop_after)))
+
+    def _hook(self, name: str, stop: bool):
+        def hook(_module, _inputs, output):
+            self.out[name] = output
+            if stop:
+                raise _StopForward
+
+        return hook
+
+    def close(self):
+        for h in self.handles:
+            h.remove()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def forward_layers(spec, x: torch.Tensor, layers: Sequence[str]) -> dict[str, torch.Tensor]:
+    """Run the net once on preprocessed `x` (N, C, H, W) and return the wanted activations.
+
+    Differentiable: no `no_grad` here, so `CacheClassifier` can push gradients through it.
+    When `logits` is not wanted the forward stops at the deepest wanted layer.
+    """
+    wanted = _ordered(spec, layers)
+    need_logits = "logits" in wanted
+    taps_needed = [n for n in wanted if n not in ("input", "logits")]
+    stop_after = None if need_logits or not taps_needed else taps_needed[-1]
+    out: dict[str, torch.Tensor] = {}
+    if "input" in wanted:
+        out["input"] = x
+    if taps_needed or need_logits:
+        with _Taps(spec.net, taps_needed, stop_after) as taps:
+            try:
+                logits = spec.net(x)
+            except _StopForward:
+                logits = None
+            out.update(taps.out)
+        if need_logits:
+            out["logits"] = logits
+    return out
+
+
+# Shapes depend only on the architecture, so each net is probed once.
+_LAYER_INFOS: "weakref.WeakKeyDictionary[torch.nn.Module, list[LayerInfo]]" = weakref.WeakKeyDictionary()
+
+
+def list_layers(spec) -> list[LayerInfo]:
+    """Every tappable layer of `spec` with its activation shape and normalised depth."""
+    if spec.net in _LAYER_INFOS:
+        return list(_LAYER_INFOS[spec.net])
+    names = [n for n, _ in spec.layers]
+    p = next(spec.net.parameters())
+    x = torch.zeros(1, spec.in_channels, *spec.input_size, dtype=p.dtype, device=p.device)
+    with torch.no_grad():
+        acts = forward_layers(spec, x, names)
+    infos = []
+    for name, depth in spec.layers:
+        shape = tuple(acts[name].shape[1:])
+        infos.append(LayerInfo(name, shape, int(torch.Size(shape).numel()), float(depth)))
+    _LAYER_INFOS[spec.net] = infos
+    return list(infos)
+
+
+def projection_matrix(d: int, dim: int, seed: int, layer: str, device="cpu") -> torch.Tensor:
+    """Seeded Gaussian random projection (d, dim) scaled so inner products are kept in expectation.
+
+    Seeded per layer name so a layer gets the same projection whichever set it is extracted with.
+    """
+    g = torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + zlib.crc32(layer.encode()))
+    r = torch.randn(d, dim, generator=g) / dim**0.5
+    return r.to(device)
+
+
+def extract(
+    spec,
+    images: torch.Tensor,
+    layers: Sequence[str],
+    *,
+    batch_size: int = 256,
+    device: str | torch.device = "cpu",
+    flip: bool = False,
+    project_dim: int | None = None,
+    seed: int = 0,
+    progress: ProgressFn | None = None,
+) -> dict[str, torch.Tensor]:
+    """Flattened activations of `layers` for `images` (N, H, W, C) uint8, in ONE forward pass.
+
+    Returns {layer: (N', d) float32 on CPU}; with `flip`, N' = 2N: the N images, then their
+    horizontal flips in the same order. Layers wider than `project_dim` are randomly projected
+    to `project_dim` dimensions as they are extracted, so the full-width tensor never exists.
+    Not normalised: keys are normalised after concatenation (`make_keys`).
+    """
+    layers = resolve_layers(spec, list(layers))
+    device = torch.device(device)
+    net = spec.net.to(device).eval()
+    n = len(images)
+    n_out = 2 * n if flip else n
+    dims = {i.name: i.dim for i in list_layers(spec) if i.name in layers}
+    proj = {
+        name: projection_matrix(d, project_dim, seed, name, device)
+        for name, d in dims.items()
+        if project_dim and d > project_dim
+    }
+    out = {name: torch.empty(n_out, project_dim if name in proj else d) for name, d in dims.items()}
+    done = 0
+    with torch.inference_mode():
+        for start in range(0, n, batch_size):
+            x = spec.preprocess(images[start : start + batch_size].to(device))
+            b = len(x)
+            if flip:
+                x = torch.cat([x, x.flip(-1)])
+            acts = forward_layers(spec, x, layers)
+            for name in layers:
+                a = acts[name].flatten(1).float()
+                if name in proj:
+                    a = a @ proj[name]
+                a = a.cpu()
+                out[name][start : start + b] = a[:b]
+                if flip:
+                    out[name][n + start : n + start + b] = a[b:]
+            done += b
+            if progress:
+                progress(done, n, "extracting features")
+    return out
+
+
+def make_keys(feats: dict[str, torch.Tensor], layers: Sequence[str]) -> torch.Tensor:
+    """Concatenate the layers' features and L2-normalise each whole row: (N, sum d)."""
+    parts = [feats[name] for name in layers]
+    keys = parts[0].clone() if len(parts) == 1 else torch.cat(parts, dim=1)
+    norms = keys.norm(dim=1, keepdim=True).clamp_min_(1e-12)
+    return keys.div_(norms)
+
+
+def normalize_rows(x: torch.Tensor) -> torch.Tensor:
+    return F.normalize(x, dim=1, eps=1e-12)

@@ -1,0 +1,91 @@
+"""Persistence: atomic writes, corruption detection, rebuilds."""
+import os
+import warnings
+
+import pytest
+import torch
+
+from cacheviz import store
+
+
+def test_round_trip_with_meta(tmp_path):
+    p = tmp_path / "a.safetensors"
+    t = {"x": torch.randn(5, 3), "y": torch.arange(5)}
+    store.save_tensors(p, t, {"layer": "layer3.0", "n": 5})
+    got, meta = store.load_tensors(p, expect_meta={"n": 5, "layer": "layer3.0"})
+    assert torch.equal(got["x"], t["x"]) and torch.equal(got["y"], t["y"])
+    assert meta == {"layer": "layer3.0", "n": 5}
+
+
+def test_mismatched_meta_is_not_returned(tmp_path):
+    p = tmp_path / "a.safetensors"
+    store.save_tensors(p, {"x": torch.ones(2)}, {"n": 2})
+    with pytest.warns(UserWarning, match="rebuilt"):
+        assert store.load_tensors(p, expect_meta={"n": 3}) is None
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip_byte", "garbage"])
+def test_corruption_is_detected_and_rebuilt(tmp_path, damage):
+    p = tmp_path / "a.safetensors"
+    store.save_tensors(p, {"x": torch.arange(1000, dtype=torch.float32)}, {"n": 1})
+    raw = bytearray(p.read_bytes())
+    if damage == "truncate":
+        raw = raw[: len(raw) // 2]
+    elif damage == "flip_byte":
+        raw[-10] ^= 0xFF  # inside the tensor data: only the checksum can see it
+    else:
+        raw = bytearray(b"not a safetensors file")
+    p.write_bytes(bytes(raw))
+    with pytest.warns(UserWarning, match="rebuilt"):
+        assert store.load_tensors(p, expect_meta={"n": 1}) is None
+    built = []
+
+    def build():
+        built.append(1)
+        return {"x": torch.arange(1000, dtype=torch.float32)}
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        x = store.cached_tensors(p, {"n": 1}, build)["x"]
+    assert built == [1] and torch.equal(x, torch.arange(1000, dtype=torch.float32))
+    assert store.cached_tensors(p, {"n": 1}, build)["x"].shape == (1000,) and built == [1]
+
+
+def test_crash_mid_write_keeps_the_old_file(tmp_path, monkeypatch):
+    p = tmp_path / "a.safetensors"
+    store.save_tensors(p, {"x": torch.zeros(10)}, {"v": 1})
+
+    def crash(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"half a file")
+        raise KeyboardInterrupt  # the process dies mid-write
+
+    monkeypatch.setattr(store, "save_file", crash)
+    with pytest.raises(KeyboardInterrupt):
+        store.save_tensors(p, {"x": torch.ones(10)}, {"v": 2})
+    got, meta = store.load_tensors(p)
+    assert torch.equal(got["x"], torch.zeros(10)) and meta == {"v": 1}
+    assert os.listdir(tmp_path) == ["a.safetensors"]  # no temp file left behind
+
+
+def test_crash_mid_json_write(tmp_path, monkeypatch):
+    p = tmp_path / "r.json"
+    store.atomic_write_json(p, {"a": 1})
+    monkeypatch.setattr(os, "replace", lambda *a: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError):
+        store.atomic_write_json(p, {"a": 2})
+    monkeypatch.undo()
+    assert store.load_json(p) == {"a": 1}
+    assert os.listdir(tmp_path) == ["r.json"]
+
+
+def test_corrupt_json_is_reported(tmp_path):
+    p = tmp_path / "r.json"
+    p.write_text("{half")
+    with pytest.warns(UserWarning):
+        assert store.load_json(p) is None
+
+
+def test_config_hash_is_order_independent():
+    assert store.config_hash({"a": 1, "b": [1, 2]}) == store.config_hash({"b": [1, 2], "a": 1})
+    assert store.config_hash({"a": 1}) != store.config_hash({"a": 2})
