@@ -35,29 +35,60 @@ def p_mem_from_sims(sims: torch.Tensor, values: torch.Tensor, theta: float) -> t
 
 
 class SimilarityBlock:
-    """One block of similarities, ready to give p_mem for many theta at the cost of one exp each.
+    """One block of similarities, from which p_mem for any theta costs one elementwise pass.
 
-    Values are one-hot, so the softmax's denominator is the row sum of exp(...) @ V and needs no
-    pass of its own; the row maximum is subtracted once for all theta (theta > 0), which is what
-    keeps exp(theta * s) finite for theta = 90. About 3x faster than torch.softmax per theta here.
+    Three facts make this cheap: values are one-hot, so the softmax denominator is the sum of
+    the class masses and needs no pass of its own; with the cache grouped by class (`bounds`)
+    a class mass is a contiguous row-slice sum, ~7x cheaper than exp(.) @ V; and for a sweep
+    over evenly spaced theta, exp(theta_k s) = exp(theta_0 s) * exp(step s)^k turns every exp
+    after the first two into a multiply (~40x cheaper here). The row maximum is subtracted
+    first, which keeps exp(theta s) finite for theta = 90.
     """
 
-    def __init__(self, sims: torch.Tensor, values: torch.Tensor):
+    def __init__(self, sims: torch.Tensor, values: torch.Tensor, bounds: list[int] | None = None):
         self.shifted = sims - sims.amax(dim=1, keepdim=True)  # <= 0
         self.values = values
+        self.bounds = bounds  # class c occupies columns bounds[c]:bounds[c + 1]
         self._buf = torch.empty_like(self.shifted)
 
+    def _class_mass(self, w: torch.Tensor) -> torch.Tensor:
+        if self.bounds is None:
+            mass = w @ self.values
+        else:
+            b = self.bounds
+            mass = torch.stack([w[:, b[c] : b[c + 1]].sum(1) for c in range(len(b) - 1)], dim=1)
+        return mass / mass.sum(dim=1, keepdim=True)
+
     def p_mem(self, theta: float) -> torch.Tensor:
+        """(n, C) p_mem at one theta."""
         if theta <= 0:
             raise CachevizError(f"theta must be positive; got {theta}.")
         torch.mul(self.shifted, theta, out=self._buf)
         self._buf.exp_()
-        mass = self._buf @ self.values
-        return mass / mass.sum(dim=1, keepdim=True)
+        return self._class_mass(self._buf)
+
+    def p_mem_sweep(self, thetas: Sequence[float]) -> Iterator[tuple[float, torch.Tensor]]:
+        """Yield (theta, p_mem) for each theta, in order; fast when they are evenly spaced."""
+        thetas = [float(t) for t in thetas]
+        steps = {round(b - a, 9) for a, b in zip(thetas, thetas[1:])}
+        if len(thetas) < 3 or len(steps) != 1 or min(steps) <= 0:
+            for t in thetas:
+                yield t, self.p_mem(t)
+            return
+        step = torch.exp(self.shifted * (thetas[1] - thetas[0]))
+        yield thetas[0], self.p_mem(thetas[0])  # leaves exp(theta_0 s) in _buf
+        for t in thetas[1:]:
+            self._buf.mul_(step)
+            yield t, self._class_mass(self._buf)
 
 
 class CacheMemory:
-    """Keys (K, d), unit-norm rows, and integer labels (K,) as one-hot values (K, C)."""
+    """Keys (K, d), unit-norm rows, and integer labels (K,) as one-hot values (K, C).
+
+    Items are kept grouped by class (stable order) so class masses are slice sums; `order[i]`
+    is the caller's index of stored row i, and `topk` answers in the caller's indices. Pass
+    labels already sorted (as `experiment` does) to avoid a copy of the keys.
+    """
 
     def __init__(
         self,
@@ -67,17 +98,28 @@ class CacheMemory:
         device: str | torch.device = "cpu",
         normalize: bool = False,
         dtype: torch.dtype = torch.float32,
+        order: torch.Tensor | None = None,
     ):
         if keys.ndim != 2 or labels.ndim != 1 or len(keys) != len(labels):
             raise CachevizError(f"Keys must be (K, d) and labels (K,); got {tuple(keys.shape)} and {tuple(labels.shape)}.")
         if len(keys) == 0:
             raise CachevizError("The cache is empty; give it at least one training item.")
         self.device = torch.device(device)
+        labels = labels.to(torch.long)
+        self.order = torch.arange(len(labels)) if order is None else order.to(torch.long).cpu()
+        if bool((labels[1:] < labels[:-1]).any()):
+            perm = torch.argsort(labels, stable=True)
+            keys, labels, self.order = keys[perm], labels[perm], self.order[perm]
         keys = keys.to(self.device, dtype)
         self.keys = F.normalize(keys, dim=1) if normalize else keys
-        self.labels = labels.to(self.device, torch.long)
+        self.labels = labels.to(self.device)
         self.n_classes = int(n_classes if n_classes is not None else int(labels.max()) + 1)
         self.values = F.one_hot(self.labels, self.n_classes).to(dtype)
+        counts = torch.bincount(labels.cpu(), minlength=self.n_classes)
+        self.bounds = [0] + torch.cumsum(counts, 0).tolist()
+
+    def block(self, sims: torch.Tensor) -> SimilarityBlock:
+        return SimilarityBlock(sims, self.values, self.bounds)
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -105,22 +147,24 @@ class CacheMemory:
         out = torch.empty(len(q), self.n_classes, device=self.device, dtype=self.keys.dtype)
         with torch.no_grad():
             for sl, sims in self.iter_similarities(q, chunk_size):
-                out[sl] = SimilarityBlock(sims, self.values).p_mem(theta)
+                out[sl] = self.block(sims).p_mem(theta)
         return out
 
     def topk(self, q: torch.Tensor, k: int, chunk_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The k most similar stored items per query: (similarities (N, k), indices (N, k))."""
+        """The k most similar stored items per query: (similarities (N, k), caller's indices (N, k))."""
         k = min(int(k), len(self))
         sims_out = torch.empty(len(q), k, device=self.device, dtype=self.keys.dtype)
         idx_out = torch.empty(len(q), k, dtype=torch.long, device=self.device)
         for sl, sims in self.iter_similarities(q, chunk_size):
             sims_out[sl], idx_out[sl] = sims.topk(k, dim=1)
-        return sims_out, idx_out
+        return sims_out, self.order.to(self.device)[idx_out]
 
     def knn_predict(self, q: torch.Tensor, k: int = 10, chunk_size: int | None = None) -> torch.Tensor:
         """Plain k-nearest-neighbour vote (seed 002's classifier), as (N, C) vote shares."""
-        _, idx = self.topk(q, k, chunk_size)
-        votes = self.values[idx].sum(dim=1)
+        k = min(int(k), len(self))
+        votes = torch.empty(len(q), self.n_classes, device=self.device, dtype=self.keys.dtype)
+        for sl, sims in self.iter_similarities(q, chunk_size):
+            votes[sl] = self.values[sims.topk(k, dim=1).indices].sum(dim=1)
         return votes / votes.sum(dim=1, keepdim=True)
 
 

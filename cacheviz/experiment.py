@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 
 from . import __version__, store
-from .cache import CacheMemory, SimilarityBlock
+from .cache import CacheMemory
 from .config import Setup
 from .data import Dataset, Split, load_dataset, make_split
 from .errors import CachevizError
@@ -188,35 +188,40 @@ def evaluate(
     test_u = torch.unique(torch.cat([sp.test_idx, sp.val_idx])) if not from_train else sp.test_idx
     qf = ws.features("test", test_u, layers + ["logits"], progress=stage.inner)
 
-    keys_all = make_keys({l: tf[l] for l in layers}, layers)
     y_train = ws.ds.train_y[train_u]
     y_cache = torch.cat([y_train, y_train]) if flip else y_train
     n_classes = len(ws.ds.classes)
     q_test_all = make_keys(qf, layers)
     p_test_all = torch.softmax(qf["logits"], dim=1)
 
+    def memory(rows: torch.Tensor) -> CacheMemory:
+        # keys built straight in class-grouped order, so CacheMemory needs no copy of its own
+        rows = rows[torch.argsort(y_cache[rows], stable=True)]
+        return CacheMemory(make_keys(tf, layers, rows=rows), y_cache[rows], n_classes, ws.device, order=rows)
+
+    all_rows = torch.arange(len(y_cache))
     if from_train:
         vrows = _rows(train_u, sp.val_idx, flip=False)
-        q_val = keys_all[vrows]
+        q_val = make_keys(tf, layers, rows=vrows)
         p_val = torch.softmax(tf["logits"][vrows], dim=1)
-        crow = _rows(train_u, sp.cache_val_idx, flip)
-        mem_val = CacheMemory(keys_all[crow], y_cache[crow], n_classes, ws.device)
-        trow = _rows(test_u, sp.test_idx, False)
+        y_val = ws.ds.train_y[sp.val_idx]
+        mem_val = memory(_rows(train_u, sp.cache_val_idx, flip))
     else:
         vrows = _rows(test_u, sp.val_idx, False)
         q_val, p_val = q_test_all[vrows], p_test_all[vrows]
-        trow = _rows(test_u, sp.test_idx, False)
-        mem_val = None
-    y_val = ws.ds.train_y[sp.val_idx] if from_train else ws.ds.test_y[sp.val_idx]
-    mem_test = CacheMemory(keys_all, y_cache, n_classes, ws.device)
-    if mem_val is None:
-        mem_val = mem_test
-    del keys_all
+        y_val = ws.ds.test_y[sp.val_idx]
+        mem_val = memory(all_rows)
+    trow = _rows(test_u, sp.test_idx, False)
 
     stage.begin("grid search")
     thetas, lams = default_grid(setup.n_theta, setup.n_lam)
     grid = grid_search(mem_val, q_val, p_val, y_val, thetas, lams, progress=stage.inner)
+    # one cache in memory at a time: the tuning cache goes before the test cache is built
+    mem_test = mem_val if not from_train else None
     del mem_val
+    if mem_test is None:
+        mem_test = memory(all_rows)
+    del tf
 
     stage.begin("test")
     q_test, p_test, y_test = q_test_all[trow], p_test_all[trow], ws.ds.test_y[sp.test_idx]
@@ -226,7 +231,7 @@ def evaluate(
     knn_pred = torch.empty(len(q_test), dtype=torch.long)
     with torch.no_grad():
         for sl, sims in mem_test.iter_similarities(q_test):
-            block = SimilarityBlock(sims, mem_test.values)
+            block = mem_test.block(sims)
             pm = block.p_mem(grid.theta)
             p_cache[sl] = ((1 - grid.lam) * p_test[sl].to(pm.device) + grid.lam * pm).cpu()
             p_cache_only[sl] = block.p_mem(grid.theta_cache_only).cpu()

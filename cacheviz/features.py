@@ -199,10 +199,15 @@ def extract(
     return out
 
 
-def make_keys(feats: dict[str, torch.Tensor], layers: Sequence[str]) -> torch.Tensor:
-    """Concatenate the layers' features and L2-normalise each whole row: (N, sum d)."""
-    parts = [feats[name] for name in layers]
-    keys = parts[0].clone() if len(parts) == 1 else torch.cat(parts, dim=1)
+def make_keys(
+    feats: dict[str, torch.Tensor], layers: Sequence[str], rows: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Concatenate the layers' features and L2-normalise each whole row: (N, sum d).
+
+    `rows` selects and orders items in the same copy, so no second multi-GB copy is made.
+    """
+    parts = [feats[name] if rows is None else feats[name][rows] for name in layers]
+    keys = (parts[0].clone() if rows is None else parts[0]) if len(parts) == 1 else torch.cat(parts, dim=1)
     norms = keys.norm(dim=1, keepdim=True).clamp_min_(1e-12)
     return keys.div_(norms)
 

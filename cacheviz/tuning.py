@@ -10,7 +10,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .cache import CacheMemory, SimilarityBlock, combine
+from .cache import CacheMemory, combine
 from .errors import CachevizError
 
 ProgressFn = Callable[[int, int, str], None]
@@ -76,11 +76,10 @@ def grid_search(
     correct_co = torch.zeros(len(thetas), dtype=torch.long)
     with torch.no_grad():
         for sl, sims in memory.iter_similarities(q, chunk_size):
-            block = SimilarityBlock(sims, memory.values)
+            block = memory.block(sims)
             pn = p_net[sl].to(dev, torch.float32)
             y = labels[sl].to(dev)
-            for t, theta in enumerate(thetas):
-                pm = block.p_mem(theta)
+            for t, (_, pm) in enumerate(block.p_mem_sweep(thetas)):
                 correct_co[t] += int((pm.argmax(1) == y).sum())
                 for l, lam in enumerate(lams):
                     correct[t, l] += int((combine(pn, pm, lam).argmax(1) == y).sum())
@@ -104,7 +103,7 @@ def predict(
     outs = [torch.empty(len(q), memory.n_classes) for _ in thetas_lams]
     with torch.no_grad():
         for sl, sims in memory.iter_similarities(q, chunk_size):
-            block = SimilarityBlock(sims, memory.values)
+            block = memory.block(sims)
             pn = p_net[sl].to(memory.device, torch.float32)
             p_mem_by_theta: dict[float, torch.Tensor] = {}
             for out, (theta, lam) in zip(outs, thetas_lams):

@@ -48,8 +48,21 @@ def test_large_theta_gives_the_nearest_neighbour_label():
     p = mem.p_mem(q, 1e4)
     assert torch.equal(p.argmax(1), nn_label)
     assert (p.max(1).values > 0.99).all()
-    _, idx = mem.topk(q, 1)
-    assert torch.equal(mem.labels[idx[:, 0]], nn_label)
+
+
+def test_memory_is_grouped_by_class_but_answers_in_callers_indices():
+    g = torch.Generator().manual_seed(5)
+    keys = F.normalize(torch.randn(200, 16, generator=g), dim=1)
+    labels = torch.randint(0, 4, (200,), generator=g)
+    mem = CacheMemory(keys, labels, 4)
+    assert bool((mem.labels[1:] >= mem.labels[:-1]).all())
+    assert torch.equal(mem.keys, keys[mem.order]) and torch.equal(mem.labels, labels[mem.order])
+    q = keys[[3, 77, 150]]
+    sims, idx = mem.topk(q, 1)
+    assert idx[:, 0].tolist() == [3, 77, 150]  # each item's nearest neighbour is itself
+    assert torch.allclose(sims[:, 0], torch.ones(3))
+    ref = _reference_p_mem(mem, q, 30.0)
+    assert torch.allclose(mem.p_mem(q, 30.0).double(), ref, atol=1e-5)
 
 
 def test_lambda_zero_is_the_network_and_one_is_cache_only():
@@ -76,11 +89,21 @@ def test_chunked_equals_unchunked():
 def test_similarity_block_matches_softmax():
     mem, q = _memory()
     sims = q @ mem.keys.T
-    block = SimilarityBlock(sims, mem.values)
-    for theta in (10.0, 90.0):
-        assert torch.allclose(block.p_mem(theta), p_mem_from_sims(sims, mem.values, theta), atol=1e-6)
-    with pytest.raises(CachevizError):
-        block.p_mem(0.0)
+    for block in (SimilarityBlock(sims, mem.values), mem.block(sims)):  # GEMM and class-slice sums
+        for theta in (10.0, 90.0):
+            assert torch.allclose(block.p_mem(theta), p_mem_from_sims(sims, mem.values, theta), atol=1e-6)
+        with pytest.raises(CachevizError):
+            block.p_mem(0.0)
+
+
+@pytest.mark.parametrize("thetas", [[10, 20, 30, 40, 50, 60, 70, 80, 90], [10, 50, 90], [5, 7, 90], [30.0]])
+def test_theta_sweep_equals_one_theta_at_a_time(thetas):
+    mem, q = _memory(K=700)
+    sims = q @ mem.keys.T
+    got = list(mem.block(sims).p_mem_sweep(thetas))
+    assert [t for t, _ in got] == [float(t) for t in thetas]
+    for theta, pm in got:
+        assert torch.allclose(pm.double(), _reference_p_mem(mem, q, theta), atol=1e-5)
 
 
 def test_knn_vote_shares():

@@ -1,0 +1,146 @@
+"""The command line: the `evaluate` contract end to end on digits, and its bad-input answers."""
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from cacheviz.__main__ import main
+
+REQUIRED = {
+    "baseline_acc", "cache_acc", "cache_only_acc", "baseline_acc_val", "cache_acc_val", "theta", "lam",
+    "theta_cache_only", "n_cache", "n_val", "n_test", "layers", "key_dim", "seconds",
+}
+
+
+def _run(capsys, *argv):
+    rc = main(list(argv))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_evaluate_digits_end_to_end(data_dir, capsys, tmp_path):
+    t0 = time.perf_counter()
+    out_json = tmp_path / "r.json"
+    rc, out, err = _run(capsys, "evaluate", "--dataset", "digits", "--data-dir", str(data_dir), "--json", str(out_json))
+    elapsed = time.perf_counter() - t0
+    assert rc == 0, err
+    assert elapsed < 60, f"evaluate on digits took {elapsed:.0f}s (training the CNN included)"
+    r = json.loads(out_json.read_text())
+    assert REQUIRED <= set(r)
+    assert r["baseline_acc"] >= 0.95
+    assert 10 <= r["theta"] <= 90 and 0.1 <= r["lam"] <= 0.9 and 10 <= r["theta_cache_only"] <= 90
+    assert r["n_cache"] == 1348 and r["n_val"] + r["n_test"] == 449 and r["layers"] == ["relu3"]
+    assert r["key_dim"] == 128
+    # the tuned cache model is at least as good as the network on the data it was tuned on
+    assert r["cache_acc_val"] >= r["baseline_acc_val"] - 1e-9
+    assert len(r["grid"]["acc"]) == 9 and len(r["grid"]["acc"][0]) == 9
+    assert "cache model" in out and "baseline" in out
+    # a second run reads the stored result instead of recomputing
+    t0 = time.perf_counter()
+    rc, out2, _ = _run(capsys, "evaluate", "--dataset", "digits", "--data-dir", str(data_dir))
+    assert rc == 0 and time.perf_counter() - t0 < 2
+    assert out2.splitlines()[-2:] == out.splitlines()[-2:]
+
+
+def test_evaluate_options_change_the_experiment(data_dir, capsys):
+    rc, out, err = _run(
+        capsys, "evaluate", "--data-dir", str(data_dir), "--json", "-", "--layers", "relu2,relu3",
+        "--flip", "--train-limit", "500", "--val-from-train", "100", "--project-dim", "256", "--grid", "3x2",
+    )
+    assert rc == 0, err
+    r = json.loads(out)
+    assert r["layers"] == ["relu2", "relu3"]
+    assert r["key_dim"] == 256 + 128  # relu2 (4096-d) projected, relu3 (128-d) exact
+    assert r["n_cache"] == 1000  # 500 items and their flips
+    assert r["n_cache_val"] == 800  # the 100 validation items are not in the tuning cache
+    assert r["n_val"] == 100 and r["n_test"] == 449 and r["val_part"] == "train"
+    assert r["theta"] in (10, 50, 90) and r["lam"] in (0.1, 0.9)
+
+
+def test_layers_command(data_dir, capsys):
+    rc, out, _ = _run(capsys, "layers", "--model", "digits-cnn", "--data-dir", str(data_dir), "--json")
+    assert rc == 0
+    rows = json.loads(out)
+    assert rows[0]["name"] == "input" and rows[0]["depth"] == 0 and rows[-1]["name"] == "logits"
+    assert [r["name"] for r in rows if r["default"]] == ["relu3"]
+    rc, out, _ = _run(capsys, "layers", "--model", "resnet20", "--data-dir", str(data_dir / "none"),
+                      "--checkpoint", str(_resnet_ckpt(data_dir)))
+    assert rc == 0 and "layer3.2.relu1" in out and "64x8x8" in out
+
+
+def _resnet_ckpt(data_dir):
+    from cacheviz.models import build_cifar_resnet
+
+    p = data_dir / "rn20-random.th"
+    if not p.exists():
+        torch.save({"state_dict": {f"module.{k}": v for k, v in build_cifar_resnet(20).state_dict().items()}}, p)
+    return p
+
+
+@pytest.mark.parametrize(
+    "argv, fragment",
+    [
+        (["evaluate", "--model", "resnet7"], "6n+2"),
+        (["evaluate", "--model", "vgg99"], "torchvision:<name>"),
+        (["evaluate", "--layers", "relu9"], "python -m cacheviz layers --model digits-cnn"),
+        (["evaluate", "--dataset", "imagenet-mini"], "folder:"),
+        (["evaluate", "--dataset", "folder:/no/such/folder", "--model", "digits-cnn"], "train"),
+        (["evaluate", "--train-limit", "3"], "train-limit"),
+        (["evaluate", "--val-from-train", "5000"], "val-from-train"),
+        (["evaluate", "--dataset", "cifar10", "--model", "digits-cnn"], None),
+        (["evaluate", "--device", "tpu"], "cpu"),
+        (["layers", "--model", "torchvision:not_a_net"], "list_models"),
+    ],
+)
+def test_bad_input_gets_one_sentence(data_dir, capsys, argv, fragment):
+    rc, out, err = _run(capsys, *argv, "--data-dir", str(data_dir))
+    assert rc != 0
+    lines = [l for l in err.strip().splitlines() if l.startswith("error:")]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    if fragment:
+        assert fragment in lines[0], lines[0]
+
+
+def test_checkpoint_for_another_architecture(data_dir, capsys, tmp_path):
+    from cacheviz.models import build_cifar_resnet
+
+    p = tmp_path / "rn32.th"
+    torch.save({"state_dict": build_cifar_resnet(32).state_dict()}, p)
+    rc, _, err = _run(capsys, "layers", "--model", "resnet20", "--checkpoint", str(p), "--data-dir", str(tmp_path))
+    assert rc == 2 and "resnet20" in err and "Traceback" not in err
+
+
+def test_no_network_and_no_local_copy(tmp_path, capsys, monkeypatch):
+    import urllib.error
+
+    import torch.hub
+
+    def offline(*a, **k):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    rc, _, err = _run(capsys, "layers", "--model", "resnet56", "--data-dir", str(tmp_path))
+    assert rc == 2 and "checkpoints" in err and "resnet56-4bfd9763.th" in err
+
+
+def test_argparse_nonsense_numbers(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["evaluate", "--train-limit", "-5"])
+    assert e.value.code == 2 and "must be positive" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--grid", "nine"])
+    assert "9x9" in capsys.readouterr().err
+
+
+def test_real_process_exit_code_and_no_traceback(tmp_path):
+    p = subprocess.run(
+        [sys.executable, "-m", "cacheviz", "evaluate", "--dataset", "folder:" + str(tmp_path / "nothing"),
+         "--data-dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert p.returncode == 2
+    assert "Traceback" not in p.stderr and p.stderr.strip().startswith("error:")
