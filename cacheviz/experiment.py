@@ -275,6 +275,7 @@ def evaluate(
         "code_version": __version__,
         "seconds": round(time.perf_counter() - t0, 3),
     }
+    result = _rounded(result)
     store.save_tensors(
         path.with_suffix(".safetensors"),
         {"test_idx": sp.test_idx, "y": y_test, "pred_net": pred_net, "pred_cache": pred_cache,
@@ -283,6 +284,17 @@ def evaluate(
     )
     store.atomic_write_json(path, {"key": _result_key(setup), "result": result})
     return result
+
+
+def _rounded(obj, digits: int = 6):
+    """Accuracies are float32 means; six digits is all they hold."""
+    if isinstance(obj, float):
+        return round(obj, digits)
+    if isinstance(obj, dict):
+        return {k: _rounded(v, digits) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_rounded(v, digits) for v in obj]
+    return obj
 
 
 class _Stages:

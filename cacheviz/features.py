@@ -204,10 +204,16 @@ def make_keys(
 ) -> torch.Tensor:
     """Concatenate the layers' features and L2-normalise each whole row: (N, sum d).
 
-    `rows` selects and orders items in the same copy, so no second multi-GB copy is made.
+    `rows` selects and orders items. The result is filled layer by layer, so peak memory is
+    the keys plus one layer's selection, not two full copies of the keys.
     """
-    parts = [feats[name] if rows is None else feats[name][rows] for name in layers]
-    keys = (parts[0].clone() if rows is None else parts[0]) if len(parts) == 1 else torch.cat(parts, dim=1)
+    n = len(feats[layers[0]]) if rows is None else len(rows)
+    dims = [feats[name].shape[1] for name in layers]
+    keys = torch.empty(n, sum(dims), dtype=torch.float32)
+    off = 0
+    for name, d in zip(layers, dims):
+        keys[:, off : off + d] = feats[name] if rows is None else feats[name][rows]
+        off += d
     norms = keys.norm(dim=1, keepdim=True).clamp_min_(1e-12)
     return keys.div_(norms)
 

@@ -1,0 +1,211 @@
+"""Speed and memory goals of the engine, as ratios against this machine's own limits.
+
+    python benchmarks/run.py [--quick] [--update-readme]
+
+(a) one-pass multi-layer extraction vs plain inference over the same images   goal <= 1.3x
+(b) the full 9x9 theta x lam grid vs one (theta, lam) evaluation, same keys     goal <= 1.5x
+(c) full CIFAR-10 `evaluate`, ResNet20, layer3.0 keys, 50k cache, features cold:
+    wall time vs a lower bound measured in the same run (plain inference over the 60k images
+    + the similarity GEMMs' FLOPs at this machine's measured GEMM rate)            goal <= 1.5x
+    and its peak memory against the machine's memory.
+(c) needs ../shared (CIFAR-10 and the ResNet20 checkpoint); without it, (a) and (b) run on
+random images with a randomly initialised ResNet20, which costs the same.
+Writes benchmarks/results/latest.json and prints the README table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+sys.path.insert(0, str(REPO))
+
+from cacheviz.cache import CacheMemory  # noqa: E402
+from cacheviz.features import extract, make_keys  # noqa: E402
+from cacheviz.models import load_model  # noqa: E402
+from cacheviz.store import atomic_write_json  # noqa: E402
+from cacheviz.tuning import default_grid, grid_search, predict  # noqa: E402
+
+
+def best_of(fn, reps: int = 3) -> float:
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def have_shared() -> bool:
+    return (SHARED / "data" / "cifar10" / "test").is_dir() and (SHARED / "weights" / "resnet20-12fca82f.th").exists()
+
+
+def setup_data_dir(root: Path) -> Path:
+    (root / "checkpoints").mkdir(parents=True, exist_ok=True)
+    if have_shared():
+        if not (root / "cifar10").exists():
+            (root / "cifar10").symlink_to(SHARED / "data" / "cifar10")
+        shutil.copy(SHARED / "weights" / "resnet20-12fca82f.th", root / "checkpoints")
+    return root
+
+
+def resnet20(data_dir: Path):
+    if have_shared():
+        return load_model("resnet20", data_dir)
+    from cacheviz.models import build_cifar_resnet
+
+    ckpt = data_dir / "checkpoints" / "random-resnet20.th"
+    torch.save({"state_dict": build_cifar_resnet(20).state_dict()}, ckpt)
+    return load_model("resnet20", data_dir, checkpoint=ckpt)
+
+
+def images(data_dir: Path, n: int) -> torch.Tensor:
+    if have_shared():
+        from cacheviz.data import load_dataset
+
+        return load_dataset("cifar10", data_dir).test_x[:n]
+    return torch.randint(0, 256, (n, 32, 32, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+
+
+def plain_inference(spec, x: torch.Tensor, batch_size: int = 256) -> None:
+    with torch.inference_mode():
+        for s in range(0, len(x), batch_size):
+            spec.net(spec.preprocess(x[s : s + batch_size]))
+
+
+def bench_extraction(spec, x: torch.Tensor) -> dict:
+    layers = list(spec.default_layers) + ["layer3.2", "logits"]
+    plain_inference(spec, x[:512])  # warm-up
+    t_plain = best_of(lambda: plain_inference(spec, x))
+    t_multi = best_of(lambda: extract(spec, x, layers))
+    return {"images": len(x), "layers": layers, "plain_s": t_plain, "extract_s": t_multi,
+            "ratio": t_multi / t_plain, "goal": 1.3}
+
+
+def gemm_rate(n: int, k_items: int, d: int) -> float:
+    """FLOP/s of the similarity GEMM at the block shape the engine uses."""
+    a = torch.nn.functional.normalize(torch.randn(n, d), dim=1)
+    b = torch.nn.functional.normalize(torch.randn(k_items, d), dim=1)
+    a @ b.T
+    t = best_of(lambda: a @ b.T, reps=5)
+    return 2 * n * k_items * d / t
+
+
+def bench_grid(n_query: int, k_items: int, d: int) -> dict:
+    g = torch.Generator().manual_seed(0)
+    keys = torch.nn.functional.normalize(torch.randn(k_items, d, generator=g), dim=1)
+    labels = torch.arange(k_items) % 10
+    q = torch.nn.functional.normalize(torch.randn(n_query, d, generator=g), dim=1)
+    # queries near some keys, as real ones are, so the softmax is not flat
+    q = torch.nn.functional.normalize(q + 3 * keys[:n_query], dim=1)
+    y = labels[:n_query]
+    p_net = torch.softmax(torch.randn(n_query, 10, generator=g), dim=1)
+    mem = CacheMemory(keys, labels, 10)
+    thetas, lams = default_grid(9, 9)
+    t_one = best_of(lambda: predict(mem, q, p_net, [(50.0, 0.5)]))
+    t_grid = best_of(lambda: grid_search(mem, q, p_net, y, thetas, lams))
+    return {"queries": n_query, "cache": k_items, "dim": d, "one_s": t_one, "grid_s": t_grid,
+            "ratio": t_grid / t_one, "goal": 1.5}
+
+
+def bench_evaluate(data_dir: Path) -> dict:
+    from cacheviz.data import load_dataset
+
+    ds = load_dataset("cifar10", data_dir)  # decoded once into the tensor file, outside the timing
+    spec = load_model("resnet20", data_dir)
+    all_x = torch.cat([ds.train_x, ds.test_x])
+    plain_inference(spec, all_x[:512])
+    t0 = time.perf_counter()
+    plain_inference(spec, all_x)
+    t_infer = time.perf_counter() - t0
+    n_cache, n_val, n_test, d = 50000, 5000, 5000, 4096
+    rate = gemm_rate(671, n_cache, d)
+    flops = 2 * (n_val + n_test) * n_cache * d
+    bound = t_infer + flops / rate
+    shutil.rmtree(data_dir / "features", ignore_errors=True)
+    shutil.rmtree(data_dir / "results", ignore_errors=True)
+    out = data_dir / "evaluate.json"
+    cmd = [sys.executable, "-m", "cacheviz", "evaluate", "--dataset", "cifar10", "--model", "resnet20",
+           "--layers", "layer3.0", "--data-dir", str(data_dir), "--device", "cpu", "--force", "--json", str(out)]
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True, cwd=REPO, stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    wall = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    r = json.loads(out.read_text())
+    mem_total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return {
+        "wall_s": wall, "inference_60k_s": t_infer, "gemm_gflops": rate / 1e9, "gemm_s": flops / rate,
+        "bound_s": bound, "ratio": wall / bound, "goal": 1.5, "peak_rss_gb": peak / 2**30,
+        "machine_mem_gb": mem_total / 2**30, "mem_ratio": peak / mem_total,
+        "baseline_acc": r["baseline_acc"], "cache_acc": r["cache_acc"], "cache_only_acc": r["cache_only_acc"],
+        "theta": r["theta"], "lam": r["lam"],
+    }
+
+
+def table(res: dict) -> str:
+    rows = ["| benchmark | measured | limit it is set against | ratio | goal |", "|---|---|---|---|---|"]
+    a, b = res["a"], res["b"]
+    rows.append(f"| (a) extraction of {len(a['layers'])} layers, {a['images']} images | {a['extract_s']:.2f} s "
+                f"| plain inference, same images: {a['plain_s']:.2f} s | {a['ratio']:.2f}x | <= {a['goal']}x |")
+    rows.append(f"| (b) 9x9 theta x lam grid, {b['queries']} queries x {b['cache']} keys x {b['dim']}-d | {b['grid_s']:.2f} s "
+                f"| one (theta, lam) evaluation: {b['one_s']:.2f} s | {b['ratio']:.2f}x | <= {b['goal']}x |")
+    c = res.get("c")
+    if c:
+        rows.append(f"| (c) CIFAR-10 evaluate, ResNet20 layer3.0, 50k cache (features cold) | {c['wall_s']:.1f} s "
+                    f"| inference over 60k images {c['inference_60k_s']:.1f} s + GEMMs {c['gemm_s']:.1f} s at "
+                    f"{c['gemm_gflops']:.0f} GFLOP/s = {c['bound_s']:.1f} s | {c['ratio']:.2f}x | <= {c['goal']}x |")
+        rows.append(f"| (c) peak memory of that run | {c['peak_rss_gb']:.2f} GB | machine memory {c['machine_mem_gb']:.1f} GB "
+                    f"| {c['mem_ratio']:.2f} | — |")
+    else:
+        rows.append("| (c) CIFAR-10 evaluate | not run (--quick, or ../shared is not here) | | | |")
+    return "\n".join(rows)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="smaller (a)/(b), skip (c)")
+    ap.add_argument("--update-readme", action="store_true")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    res = {"machine": {"cpus": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+                       "platform": platform.platform()}}
+    with tempfile.TemporaryDirectory() as tmp:
+        data_dir = setup_data_dir(Path(tmp))
+        spec = resnet20(data_dir)
+        x = images(data_dir, 1000 if args.quick else 5000)
+        res["a"] = bench_extraction(spec, x)
+        print("(a)", json.dumps(res["a"]), flush=True)
+        res["b"] = bench_grid(1000 if args.quick else 5000, 10000 if args.quick else 50000, 4096)
+        print("(b)", json.dumps(res["b"]), flush=True)
+        if have_shared() and not args.quick:
+            res["c"] = bench_evaluate(data_dir)
+            print("(c)", json.dumps(res["c"]), flush=True)
+    md = table(res)
+    res["table"] = md
+    atomic_write_json(REPO / "benchmarks" / "results" / "latest.json", res)
+    print(md)
+    if args.update_readme:
+        readme = REPO / "README.md"
+        text = readme.read_text()
+        start, end = "<!-- bench:start -->", "<!-- bench:end -->"
+        if start in text and end in text:
+            head, rest = text.split(start, 1)
+            _, tail = rest.split(end, 1)
+            readme.write_text(f"{head}{start}\n{md}\n{end}{tail}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
