@@ -144,6 +144,76 @@ def _rows(universe: torch.Tensor, idx: torch.Tensor, flip: bool) -> torch.Tensor
     return torch.cat([pos, pos + len(universe)]) if flip else pos
 
 
+class ExperimentData:
+    """An experiment's queries and caches for any set of key layers, from ONE extraction.
+
+    Extracts (or loads) `layers` for the training items — the test-time cache, a superset of
+    the tuning cache, plus the validation items when they come from the training set — and
+    for the test items. Then `queries(layers)` and `memory(layers, part)` serve any subset of
+    those layers, so evaluate, the layer sweep and the cache-size sweep share one code path.
+    """
+
+    def __init__(self, ws: Workspace, layers: list[str], progress: ProgressFn | None = None,
+                 on_stage: Callable[[str], None] | None = None):
+        sp, flip = ws.split, ws.setup.flip
+        self.ws, self.flip = ws, flip
+        self.from_train = sp.val_part == "train"
+        self.train_u = sp.cache_test_idx
+        self.tf = ws.features("train", self.train_u, layers + (["logits"] if self.from_train else []),
+                              flip=flip, progress=progress)
+        if on_stage:
+            on_stage("extract test features")
+        self.test_u = sp.test_idx if self.from_train else torch.unique(torch.cat([sp.test_idx, sp.val_idx]))
+        self.qf = ws.features("test", self.test_u, layers + ["logits"], progress=progress)
+        y_train = ws.ds.train_y[self.train_u]
+        self.y_cache = torch.cat([y_train, y_train]) if flip else y_train
+        self.n_classes = len(ws.ds.classes)
+        p_test_all = torch.softmax(self.qf["logits"], dim=1)
+        self.baseline_acc_all_test = accuracy(p_test_all, ws.ds.test_y[self.test_u])
+        self.trow = _rows(self.test_u, sp.test_idx, False)
+        self.p_test, self.y_test = p_test_all[self.trow], ws.ds.test_y[sp.test_idx]
+        if self.from_train:
+            self.vrows = _rows(self.train_u, sp.val_idx, flip=False)
+            self.p_val = torch.softmax(self.tf["logits"][self.vrows], dim=1)
+            self.y_val = ws.ds.train_y[sp.val_idx]
+            self.val_cache_rows = _rows(self.train_u, sp.cache_val_idx, flip)
+        else:
+            self.vrows = _rows(self.test_u, sp.val_idx, False)
+            self.p_val, self.y_val = p_test_all[self.vrows], ws.ds.test_y[sp.val_idx]
+            self.val_cache_rows = torch.arange(len(self.y_cache))
+
+    def queries(self, layers: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(validation queries, queries for every extracted test item; index with `trow`)."""
+        q_test_all = make_keys(self.qf, layers)
+        q_val = make_keys(self.tf, layers, rows=self.vrows) if self.from_train else q_test_all[self.vrows]
+        return q_val, q_test_all
+
+    def cache_rows(self, part: str, subset: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows of the training features (flips included) in the `part` ('val'/'test') cache.
+
+        `subset`: positions in the training universe to keep (a smaller cache); its flips follow.
+        """
+        rows = self.val_cache_rows if part == "val" else torch.arange(len(self.y_cache))
+        if subset is not None:
+            keep = torch.zeros(len(self.y_cache), dtype=torch.bool)
+            keep[_rows(torch.arange(len(self.train_u)), subset, self.flip)] = True
+            rows = rows[keep[rows]]
+        return rows
+
+    def memory(self, layers: list[str], part: str, subset: torch.Tensor | None = None) -> CacheMemory:
+        rows = self.cache_rows(part, subset)
+        if len(rows) == 0:
+            raise CachevizError("That cache would be empty; use a larger cache size.")
+        # keys built straight in class-grouped order, so CacheMemory needs no copy of its own
+        rows = rows[torch.argsort(self.y_cache[rows], stable=True)]
+        keys = make_keys(self.tf, layers, rows=rows)
+        return CacheMemory(keys, self.y_cache[rows], self.n_classes, self.ws.device, order=rows)
+
+    def release(self) -> None:
+        """Drop the training features once the caches are built (they can be GBs)."""
+        self.tf = {}
+
+
 def result_path(setup: Setup, data_dir: str | Path) -> Path:
     return Path(data_dir) / "results" / f"evaluate-{store.config_hash(_result_key(setup))}.json"
 
@@ -176,55 +246,25 @@ def evaluate(
     stage.begin("load data")
     ws = prepare(setup, data_dir, device, batch_size, progress=stage.inner)
     sp, layers, flip = ws.split, ws.layers, setup.flip
-    from_train = sp.val_part == "train"
 
-    # Training items: the test-time cache (a superset of the tuning cache), plus the validation
-    # items themselves when they come from the training set.
     stage.begin("extract train features")
-    train_u = sp.cache_test_idx
-    train_layers = layers + (["logits"] if from_train else [])
-    tf = ws.features("train", train_u, train_layers, flip=flip, progress=stage.inner)
-    stage.begin("extract test features")
-    test_u = torch.unique(torch.cat([sp.test_idx, sp.val_idx])) if not from_train else sp.test_idx
-    qf = ws.features("test", test_u, layers + ["logits"], progress=stage.inner)
-
-    y_train = ws.ds.train_y[train_u]
-    y_cache = torch.cat([y_train, y_train]) if flip else y_train
-    n_classes = len(ws.ds.classes)
-    q_test_all = make_keys(qf, layers)
-    p_test_all = torch.softmax(qf["logits"], dim=1)
-
-    def memory(rows: torch.Tensor) -> CacheMemory:
-        # keys built straight in class-grouped order, so CacheMemory needs no copy of its own
-        rows = rows[torch.argsort(y_cache[rows], stable=True)]
-        return CacheMemory(make_keys(tf, layers, rows=rows), y_cache[rows], n_classes, ws.device, order=rows)
-
-    all_rows = torch.arange(len(y_cache))
-    if from_train:
-        vrows = _rows(train_u, sp.val_idx, flip=False)
-        q_val = make_keys(tf, layers, rows=vrows)
-        p_val = torch.softmax(tf["logits"][vrows], dim=1)
-        y_val = ws.ds.train_y[sp.val_idx]
-        mem_val = memory(_rows(train_u, sp.cache_val_idx, flip))
-    else:
-        vrows = _rows(test_u, sp.val_idx, False)
-        q_val, p_val = q_test_all[vrows], p_test_all[vrows]
-        y_val = ws.ds.test_y[sp.val_idx]
-        mem_val = memory(all_rows)
-    trow = _rows(test_u, sp.test_idx, False)
+    data = ExperimentData(ws, layers, progress=stage.inner, on_stage=stage.begin)
+    q_val, q_test_all = data.queries(layers)
+    p_val, y_val = data.p_val, data.y_val
 
     stage.begin("grid search")
     thetas, lams = default_grid(setup.n_theta, setup.n_lam)
+    mem_val = data.memory(layers, "val")
     grid = grid_search(mem_val, q_val, p_val, y_val, thetas, lams, progress=stage.inner)
     # one cache in memory at a time: the tuning cache goes before the test cache is built
-    mem_test = mem_val if not from_train else None
+    mem_test = mem_val if not data.from_train else None
     del mem_val
     if mem_test is None:
-        mem_test = memory(all_rows)
-    del tf
+        mem_test = data.memory(layers, "test")
+    data.release()
 
     stage.begin("test")
-    q_test, p_test, y_test = q_test_all[trow], p_test_all[trow], ws.ds.test_y[sp.test_idx]
+    q_test, p_test, y_test = q_test_all[data.trow], data.p_test, data.y_test
     p_cache = torch.empty_like(p_test)
     p_cache_only = torch.empty_like(p_test)
     knn_k = 10
@@ -248,7 +288,7 @@ def evaluate(
         "baseline_acc_val": grid.baseline_acc,
         "cache_acc_val": grid.best_acc,
         "cache_only_acc_val": grid.best_acc_cache_only,
-        "baseline_acc_all_test": accuracy(p_test_all, ws.ds.test_y[test_u]),
+        "baseline_acc_all_test": data.baseline_acc_all_test,
         "theta": grid.theta,
         "lam": grid.lam,
         "theta_cache_only": grid.theta_cache_only,
