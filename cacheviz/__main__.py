@@ -104,22 +104,47 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("models", help="list the registered models")
 
-    ep = sub.add_parser("evaluate", parents=[common], help="baseline vs cache vs cache-only, tuned on validation")
-    ep.add_argument("--dataset", default="digits", help="digits (offline), cifar10, cifar100, mnist, fashion-mnist or folder:PATH")
-    ep.add_argument("--model", help="registered model (default: resnet20 for cifar10, digits-cnn for digits)")
+    exp = argparse.ArgumentParser(add_help=False, parents=[common])
+    exp.add_argument("--dataset", default="digits", help="digits (offline), cifar10, cifar100, mnist, fashion-mnist or folder:PATH")
+    exp.add_argument("--model", help="registered model (default: resnet20 for cifar10, digits-cnn for digits)")
+    exp.add_argument("--flip", action="store_true", help="also store horizontal flips of the cache items")
+    exp.add_argument("--train-limit", type=_positive, help="class-balanced subset of N training items as the cache")
+    exp.add_argument("--test-limit", type=_positive, help="class-balanced subset of N test items")
+    exp.add_argument("--val-from-train", type=_nonneg, default=0, metavar="N",
+                     help="tune on N held-out training items (paper's CIFAR protocol) instead of half the test set")
+    exp.add_argument("--grid", type=_grid, default=(9, 9), help="theta x lam grid resolution (default 9x9)")
+    exp.add_argument("--seed", type=int, default=0)
+    exp.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
+    exp.add_argument("--batch-size", type=_positive, default=256)
+    exp.add_argument("--force", action="store_true", help="recompute even if a stored result exists")
+
+    ep = sub.add_parser("evaluate", parents=[exp], help="baseline vs cache vs cache-only, tuned on validation")
     ep.add_argument("--layers", help="comma-separated key layers (default: the model's own defaults)")
-    ep.add_argument("--flip", action="store_true", help="also store horizontal flips of the cache items")
-    ep.add_argument("--train-limit", type=_positive, help="class-balanced subset of N training items as the cache")
-    ep.add_argument("--test-limit", type=_positive, help="class-balanced subset of N test items")
-    ep.add_argument("--val-from-train", type=_nonneg, default=0, metavar="N",
-                    help="tune on N held-out training items (paper's CIFAR protocol) instead of half the test set")
     ep.add_argument("--project-dim", type=_positive, help="random-project layers wider than D to D dimensions")
-    ep.add_argument("--grid", type=_grid, default=(9, 9), help="theta x lam grid resolution (default 9x9)")
-    ep.add_argument("--seed", type=int, default=0)
-    ep.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
-    ep.add_argument("--batch-size", type=_positive, default=256)
-    ep.add_argument("--force", action="store_true", help="recompute even if a stored result exists")
     ep.add_argument("--json", metavar="OUT", help="also write the result as JSON to OUT ('-' for stdout)")
+
+    out_help = "write the rows to OUT: .json or .csv by its suffix ('-' prints JSON)"
+    sl = sub.add_parser("sweep-layers", parents=[exp], help="Figure 2: accuracy with each layer alone as keys")
+    sl.add_argument("--layers", help="comma-separated layers (default: every tappable layer)")
+    sl.add_argument("--project-dim", type=_positive, default=1024,
+                    help="random-project layers wider than D (default 1024, so all layers fit in memory)")
+    sl.add_argument("--exact", action="store_true", help="exact keys: no projection (needs much more memory)")
+    sl.add_argument("--retune", action="store_true", help="tune theta and lam per layer instead of the middle values")
+    sl.add_argument("--out", metavar="OUT", help=out_help)
+
+    ss = sub.add_parser("sweep-size", parents=[exp], help="Figure 3: accuracy against cache size")
+    ss.add_argument("--layers", help="comma-separated key layers (default: the model's own defaults)")
+    ss.add_argument("--project-dim", type=_positive, help="random-project layers wider than D to D dimensions")
+    ss.add_argument("--fractions", default="0,0.01,0.03,0.1,0.3,1", help="cache sizes as fractions of the training set")
+    ss.add_argument("--seeds", default="0,1", help="comma-separated seeds for the random subsets")
+    ss.add_argument("--out", metavar="OUT", help=out_help)
+
+    tp = sub.add_parser("table1", parents=[exp], help="Table 1: baseline / cache / cache-only / Cache3 errors")
+    tp.add_argument("--models", help="comma-separated models (default: --model)")
+    tp.add_argument("--layers", help="comma-separated key layers of the 'cache' row (default: each model's own)")
+    tp.add_argument("--project-dim", type=_positive, help="random-project layers wider than D to D dimensions")
+    tp.add_argument("--combine-top", type=_positive, default=3, help="Cache3 combines up to 3 of the N best single layers")
+    tp.add_argument("--out", metavar="OUT", help=out_help)
     return p
 
 
@@ -150,23 +175,119 @@ def cmd_models(_args) -> int:
     return 0
 
 
-def cmd_evaluate(args) -> int:
+def _split_list(text: str | None) -> tuple[str, ...]:
+    return tuple(v.strip() for v in text.split(",") if v.strip()) if text else ()
+
+
+def _setup(args, model: str | None = None, project_dim: int | None = None):
     from .config import DEFAULT_MODEL, Setup
     from .data import canonical_name
-    from .experiment import evaluate
 
     dataset = canonical_name(args.dataset)
-    model = args.model or DEFAULT_MODEL.get(dataset)
+    model = model or args.model or DEFAULT_MODEL.get(dataset)
     if model is None:
         raise CachevizError(f"Name a model for dataset '{dataset}' with --model (see: python -m cacheviz models).")
-    layers = tuple(l.strip() for l in args.layers.split(",") if l.strip()) if args.layers else ()
-    setup = Setup(
-        dataset=dataset, model=model, layers=layers,
+    return Setup(
+        dataset=dataset, model=model, layers=_split_list(getattr(args, "layers", None)),
         checkpoint=str(Path(args.checkpoint).resolve()) if args.checkpoint else None,
         flip=args.flip, train_limit=args.train_limit, test_limit=args.test_limit, seed=args.seed,
-        val_from_train=args.val_from_train, project_dim=args.project_dim,
+        val_from_train=args.val_from_train, project_dim=project_dim,
         n_theta=args.grid[0], n_lam=args.grid[1],
     )
+
+
+def write_rows(rows: list[dict], out: str) -> None:
+    """Rows as JSON (a list) or CSV (lists joined with '+'), atomically; '-' prints JSON."""
+    import csv
+    import io
+
+    from .store import atomic_write_bytes
+
+    if out == "-":
+        print(json.dumps(rows, indent=2))
+        return
+    if out.lower().endswith(".csv"):
+        cols = list(dict.fromkeys(k for r in rows for k in r))
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=cols)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: "+".join(map(str, v)) if isinstance(v, list) else v for k, v in r.items()})
+        atomic_write_bytes(out, buf.getvalue().encode())
+    elif out.lower().endswith(".json"):
+        atomic_write_bytes(out, json.dumps(rows, indent=2).encode() + b"\n")
+    else:
+        raise CachevizError(f"Give --out a file ending in .json or .csv, not '{out}'.")
+
+
+def _print_rows(rows: list[dict], cols: list[str], stream=sys.stdout) -> None:
+    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else ("+".join(v) if isinstance(v, list) else str(v))
+    table = [[fmt(r.get(c)) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(t[i]) for t in table)) for i, c in enumerate(cols)]
+    print("  ".join(c.ljust(w) for c, w in zip(cols, widths)), file=stream)
+    for t in table:
+        print("  ".join(v.ljust(w) for v, w in zip(t, widths)), file=stream)
+
+
+def _run_sweep(args, fn, cols) -> int:
+    if args.out and not (args.out == "-" or args.out.lower().endswith((".json", ".csv"))):
+        raise CachevizError(f"Give --out a file ending in .json or .csv, not '{args.out}'.")
+    progress = TerminalProgress()
+    try:
+        rows = fn(progress)
+    finally:
+        progress.close()
+    _print_rows(rows, cols, sys.stderr if args.out == "-" else sys.stdout)
+    if args.out:
+        write_rows(rows, args.out)
+    return 0
+
+
+def cmd_sweep_layers(args) -> int:
+    from .sweeps import sweep_layers
+
+    setup = _setup(args, project_dim=None if args.exact else args.project_dim).replace(layers=())
+    layers = list(_split_list(args.layers)) or None
+    return _run_sweep(args, lambda pr: sweep_layers(
+        setup, _data_dir(args), layers=layers, retune=args.retune, device=args.device,
+        batch_size=args.batch_size, progress=pr, force=args.force),
+        ["layer", "depth", "dim", "acc", "cache_only_acc", "baseline_acc", "theta", "lam"])
+
+
+def _floats(text: str, what: str) -> list[float]:
+    try:
+        return [float(v) for v in _split_list(text)]
+    except ValueError:
+        raise CachevizError(f"Give {what} as comma-separated numbers, e.g. 0,0.1,1, not '{text}'.") from None
+
+
+def cmd_sweep_size(args) -> int:
+    from .sweeps import sweep_size
+
+    setup = _setup(args, project_dim=args.project_dim)
+    fractions = _floats(args.fractions, "--fractions")
+    seeds = [int(s) for s in _floats(args.seeds, "--seeds")]
+    return _run_sweep(args, lambda pr: sweep_size(
+        setup, _data_dir(args), fractions=fractions, seeds=seeds, device=args.device,
+        batch_size=args.batch_size, progress=pr, force=args.force),
+        ["fraction", "seed", "n_cache", "baseline_acc", "cache_acc", "cache_only_acc", "gain", "theta", "lam"])
+
+
+def cmd_table1(args) -> int:
+    from .sweeps import table1
+
+    models = _split_list(args.models) or (None,)
+    setups = [_setup(args, model=m, project_dim=args.project_dim) for m in models]
+    return _run_sweep(args, lambda pr: table1(
+        setups, _data_dir(args), combine_top=args.combine_top, device=args.device,
+        batch_size=args.batch_size, progress=pr, force=args.force),
+        ["model", "dataset", "variant", "error", "theta", "lam", "layers"])
+
+
+def cmd_evaluate(args) -> int:
+    from .experiment import evaluate
+
+    setup = _setup(args, project_dim=args.project_dim)
     progress = TerminalProgress()
     try:
         r = evaluate(setup, _data_dir(args), device=args.device, batch_size=args.batch_size,
@@ -196,7 +317,9 @@ def cmd_evaluate(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"layers": cmd_layers, "models": cmd_models, "evaluate": cmd_evaluate}[args.command](args)
+        commands = {"layers": cmd_layers, "models": cmd_models, "evaluate": cmd_evaluate,
+                    "sweep-layers": cmd_sweep_layers, "sweep-size": cmd_sweep_size, "table1": cmd_table1}
+        return commands[args.command](args)
     except CachevizError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
