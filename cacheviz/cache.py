@@ -9,7 +9,7 @@ the softmax is taken in log-space, so theta = 90 on cosine similarities never ov
 """
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -183,7 +183,7 @@ class CacheClassifier(nn.Module):
         layers: Sequence[str],
         theta: float,
         lam: float,
-        projections: dict[str, torch.Tensor] | None = None,
+        projections: dict[str, Callable[[torch.Tensor], torch.Tensor]] | None = None,
     ):
         super().__init__()
         from .features import resolve_layers
@@ -201,7 +201,7 @@ class CacheClassifier(nn.Module):
         for name in self.layers:
             a = acts[name].flatten(1)
             if name in self.projections:
-                a = a @ self.projections[name].to(a.device)
+                a = self.projections[name](a)
             parts.append(a)
         return F.normalize(torch.cat(parts, dim=1), dim=1, eps=1e-12)
 

@@ -72,6 +72,7 @@ class Workspace:
             "flip": flip,
             "project_dim": pd if projected else None,
             "projection_seed": self.setup.seed if projected else None,
+            "projection": "sign-sketch" if projected else None,
             "format": store.FORMAT_VERSION,
         }
 

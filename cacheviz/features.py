@@ -136,14 +136,29 @@ def list_layers(spec) -> list[LayerInfo]:
     return list(infos)
 
 
-def projection_matrix(d: int, dim: int, seed: int, layer: str, device="cpu") -> torch.Tensor:
-    """Seeded Gaussian random projection (d, dim) scaled so inner products are kept in expectation.
+class SignSketch:
+    """Seeded sparse random projection d -> dim (a count sketch): every input coordinate is
+    added, with a random sign, to one random output coordinate.
 
-    Seeded per layer name so a layer gets the same projection whichever set it is extracted with.
+    It keeps inner products in expectation with O(1/dim) variance, like a Gaussian
+    Johnson-Lindenstrauss map, but costs one pass over the input instead of a d x dim GEMM: for
+    ResNet20's 16384-wide early layers at dim 1024 that is ~5x the network's own forward
+    FLOPs saved (measured in benchmarks/). Differentiable (index_add), so
+    `CacheClassifier` can use it. Seeded per layer name so a layer gets the same projection
+    whichever set it is extracted with.
     """
-    g = torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + zlib.crc32(layer.encode()))
-    r = torch.randn(d, dim, generator=g) / dim**0.5
-    return r.to(device)
+
+    def __init__(self, d: int, dim: int, seed: int, layer: str):
+        g = torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + zlib.crc32(layer.encode()))
+        self.d, self.dim = d, dim
+        self.bucket = torch.randint(0, dim, (d,), generator=g)
+        self.sign = torch.randint(0, 2, (d,), generator=g).float().mul_(2).sub_(1)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, d) -> (N, dim)."""
+        bucket, sign = self.bucket.to(x.device), self.sign.to(x.device, x.dtype)
+        out = torch.zeros(x.shape[0], self.dim, device=x.device, dtype=x.dtype)
+        return out.index_add(1, bucket, x * sign)
 
 
 def extract(
@@ -171,11 +186,7 @@ def extract(
     n = len(images)
     n_out = 2 * n if flip else n
     dims = {i.name: i.dim for i in list_layers(spec) if i.name in layers}
-    proj = {
-        name: projection_matrix(d, project_dim, seed, name, device)
-        for name, d in dims.items()
-        if project_dim and d > project_dim
-    }
+    proj = {name: SignSketch(d, project_dim, seed, name) for name, d in dims.items() if project_dim and d > project_dim}
     out = {name: torch.empty(n_out, project_dim if name in proj else d) for name, d in dims.items()}
     done = 0
     with torch.inference_mode():
@@ -188,7 +199,7 @@ def extract(
             for name in layers:
                 a = acts[name].flatten(1).float()
                 if name in proj:
-                    a = a @ proj[name]
+                    a = proj[name](a)
                 a = a.cpu()
                 out[name][start : start + b] = a[:b]
                 if flip:

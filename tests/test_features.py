@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from cacheviz.errors import CachevizError
-from cacheviz.features import extract, list_layers, make_keys, projection_matrix, resolve_layers
+from cacheviz.features import SignSketch, extract, list_layers, make_keys, resolve_layers
 
 
 def _images(n=20, seed=0):
@@ -70,18 +70,23 @@ def test_keys_are_unit_norm_concatenations(resnet20_random):
     assert torch.allclose(keys, raw / raw.norm(dim=1, keepdim=True), atol=1e-6)
 
 
-def test_projection_keeps_inner_products_within_jl_tolerance():
+@pytest.mark.parametrize("relu", [False, True])
+def test_projection_keeps_inner_products_within_jl_tolerance(relu):
     """Johnson-Lindenstrauss: with D dims, inner products of unit vectors move by ~1/sqrt(D)."""
     g = torch.Generator().manual_seed(0)
-    x = torch.nn.functional.normalize(torch.randn(60, 8192, generator=g), dim=1)
-    r = projection_matrix(8192, 1024, seed=0, layer="layer1.0")
-    y = x @ r
+    x = torch.randn(60, 8192, generator=g)
+    x = torch.nn.functional.normalize(x.clamp_min(0) if relu else x, dim=1)  # ReLU maps are non-negative
+    sketch = SignSketch(8192, 1024, seed=0, layer="layer1.0")
+    y = sketch(x)
     err = (y @ y.T - x @ x.T).abs()
     # eps = 4/sqrt(D) is a generous JL bound for 60 points (log n / D ~ 0.004)
     assert err.max() < 4 / 1024**0.5
     assert err.mean() < 1.5 / 1024**0.5
-    assert torch.equal(r, projection_matrix(8192, 1024, seed=0, layer="layer1.0"))
-    assert not torch.equal(r, projection_matrix(8192, 1024, seed=1, layer="layer1.0"))
+    assert torch.equal(y, SignSketch(8192, 1024, seed=0, layer="layer1.0")(x))
+    assert not torch.equal(y, SignSketch(8192, 1024, seed=1, layer="layer1.0")(x))
+    # errors shrink as D grows
+    e4096 = (SignSketch(8192, 4096, 0, "l")(x) @ SignSketch(8192, 4096, 0, "l")(x).T - x @ x.T).abs().mean()
+    assert e4096 < err.mean()
 
 
 def test_projected_extraction(resnet20_random):
