@@ -8,7 +8,11 @@
     wall time vs a lower bound measured in the same run (plain inference over the 60k images
     + the similarity GEMMs' FLOPs at this machine's measured GEMM rate)            goal <= 1.5x
     and its peak memory against the machine's memory.
-(c) needs ../shared (CIFAR-10 and the ResNet20 checkpoint); without it, (a) and (b) run on
+(d) the full ResNet20 layer sweep (Figure 2: all 22 layers, whole training set as cache,
+    whole test set, 1024-d sign-sketch keys for wide layers), features cold: wall time vs one
+    forward pass over train + test plus the similarity GEMMs; goal <= 2x and <= 8 GB.
+(e) how the projection dimension (exact, D = 256, 1024, 4096) changes accuracy, a few layers.
+(c), (d), (e) need ../shared (CIFAR-10 and the ResNet20 checkpoint); without it, (a) and (b) run on
 random images with a randomly initialised ResNet20, which costs the same.
 Writes benchmarks/results/latest.json and prints the README table.
 """
@@ -120,7 +124,8 @@ def bench_grid(n_query: int, k_items: int, d: int) -> dict:
             "ratio": t_grid / t_one, "goal": 1.5}
 
 
-def bench_evaluate(data_dir: Path) -> dict:
+def bench_inference(data_dir: Path) -> float:
+    """Seconds of plain ResNet20 inference over all 60k CIFAR-10 images."""
     from cacheviz.data import load_dataset
 
     ds = load_dataset("cifar10", data_dir)  # decoded once into the tensor file, outside the timing
@@ -129,7 +134,11 @@ def bench_evaluate(data_dir: Path) -> dict:
     plain_inference(spec, all_x[:512])
     t0 = time.perf_counter()
     plain_inference(spec, all_x)
-    t_infer = time.perf_counter() - t0
+    return time.perf_counter() - t0
+
+
+def bench_evaluate(data_dir: Path) -> dict:
+    t_infer = bench_inference(data_dir)
     n_cache, n_val, n_test, d = 50000, 5000, 5000, 4096
     rate = gemm_rate(671, n_cache, d)
     flops = 2 * (n_val + n_test) * n_cache * d
@@ -139,10 +148,8 @@ def bench_evaluate(data_dir: Path) -> dict:
     out = data_dir / "evaluate.json"
     cmd = [sys.executable, "-m", "cacheviz", "evaluate", "--dataset", "cifar10", "--model", "resnet20",
            "--layers", "layer3.0", "--data-dir", str(data_dir), "--device", "cpu", "--force", "--json", str(out)]
-    t0 = time.perf_counter()
-    subprocess.run(cmd, check=True, cwd=REPO, stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
-    wall = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    wall, peak_gb = _run_cli(cmd[3:])
+    peak = peak_gb * 2**30
     r = json.loads(out.read_text())
     mem_total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     return {
@@ -152,6 +159,48 @@ def bench_evaluate(data_dir: Path) -> dict:
         "baseline_acc": r["baseline_acc"], "cache_acc": r["cache_acc"], "cache_only_acc": r["cache_only_acc"],
         "theta": r["theta"], "lam": r["lam"],
     }
+
+
+def _run_cli(args: list[str]) -> tuple[float, float]:
+    """Wall seconds and peak RSS (GB) of one `python -m cacheviz` run in a fresh process."""
+    code = ("import resource, runpy, sys, time; t = time.perf_counter(); sys.argv = ['cacheviz'] + sys.argv[1:]\n"
+            "try:\n    runpy.run_module('cacheviz', run_name='__main__')\nexcept SystemExit as e:\n"
+            "    assert not e.code, e.code\n"
+            "print('BENCH', time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30)")
+    p = subprocess.run([sys.executable, "-c", code, *args], cwd=REPO, capture_output=True, text=True, check=True)
+    line = [l for l in p.stdout.splitlines() if l.startswith("BENCH")][-1]
+    _, wall, peak = line.split()
+    return float(wall), float(peak)
+
+
+def bench_layer_sweep(data_dir: Path, t_infer: float, rate: float) -> dict:
+    shutil.rmtree(data_dir / "features", ignore_errors=True)
+    shutil.rmtree(data_dir / "results", ignore_errors=True)
+    out = data_dir / "sweep.json"
+    wall, peak = _run_cli(["sweep-layers", "--dataset", "cifar10", "--model", "resnet20", "--data-dir", str(data_dir),
+                           "--device", "cpu", "--project-dim", "1024", "--force", "--out", str(out)])
+    rows = json.loads(out.read_text())
+    n_cache, n_test = rows[0]["n_cache"], rows[0]["n_test"]
+    gemm_s = sum(2 * n_test * n_cache * r["dim"] for r in rows) / rate
+    bound = t_infer + gemm_s
+    best = max(rows, key=lambda r: r["acc"])
+    return {"layers": len(rows), "wall_s": wall, "peak_rss_gb": peak, "inference_60k_s": t_infer, "gemm_s": gemm_s,
+            "bound_s": bound, "ratio": wall / bound, "goal": 2.0, "mem_goal_gb": 8.0,
+            "best_layer": best["layer"], "best_acc": best["acc"], "baseline_acc": rows[0]["baseline_acc"],
+            "rows": [{k: r[k] for k in ("layer", "depth", "dim", "acc")} for r in rows]}
+
+
+def bench_projection(data_dir: Path) -> dict:
+    from cacheviz.config import Setup
+    from cacheviz.sweeps import sweep_layers
+
+    layers = ["layer1.2", "layer2.2", "layer3.0", "layer3.2.relu1"]
+    out = {}
+    for dim in (None, 256, 1024, 4096):
+        rows = sweep_layers(Setup(dataset="cifar10", model="resnet20", project_dim=dim), data_dir, layers=layers,
+                            device="cpu")
+        out["exact" if dim is None else str(dim)] = {r["layer"]: {"acc": r["acc"], "dim": r["dim"]} for r in rows}
+    return {"layers": layers, "acc": out}
 
 
 def table(res: dict) -> str:
@@ -170,6 +219,23 @@ def table(res: dict) -> str:
                     f"| {c['mem_ratio']:.2f} | — |")
     else:
         rows.append("| (c) CIFAR-10 evaluate | not run (--quick, or ../shared is not here) | | | |")
+    d = res.get("d")
+    if d:
+        rows.append(f"| (d) ResNet20 layer sweep, {d['layers']} layers, 50k cache, 5k test (features cold) | {d['wall_s']:.1f} s "
+                    f"| inference over 60k images {d['inference_60k_s']:.1f} s + GEMMs {d['gemm_s']:.1f} s = "
+                    f"{d['bound_s']:.1f} s | {d['ratio']:.2f}x | <= {d['goal']}x |")
+        rows.append(f"| (d) peak memory of that run | {d['peak_rss_gb']:.2f} GB | goal {d['mem_goal_gb']:.0f} GB "
+                    f"| {d['peak_rss_gb'] / d['mem_goal_gb']:.2f} | <= 1 |")
+    e = res.get("e")
+    if e:
+        rows.append("")
+        rows.append("Projection dimension against test accuracy (layer alone as keys, theta = 50, lam = 0.5):")
+        rows.append("")
+        rows.append("| layer | " + " | ".join(f"D = {k}" if k != "exact" else "exact" for k in e["acc"]) + " |")
+        rows.append("|---|" + "---|" * len(e["acc"]))
+        for layer in e["layers"]:
+            cells = [f"{v[layer]['acc']:.2%} ({v[layer]['dim']}-d)" for v in e["acc"].values()]
+            rows.append(f"| {layer} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
 
@@ -177,6 +243,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="smaller (a)/(b), skip (c)")
     ap.add_argument("--update-readme", action="store_true")
+    ap.add_argument("--only", default="abcde", help="which benchmarks to run, e.g. ab")
     args = ap.parse_args()
     torch.manual_seed(0)
     res = {"machine": {"cpus": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
@@ -184,14 +251,25 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = setup_data_dir(Path(tmp))
         spec = resnet20(data_dir)
-        x = images(data_dir, 1000 if args.quick else 5000)
-        res["a"] = bench_extraction(spec, x)
-        print("(a)", json.dumps(res["a"]), flush=True)
-        res["b"] = bench_grid(1000 if args.quick else 5000, 10000 if args.quick else 50000, 4096)
-        print("(b)", json.dumps(res["b"]), flush=True)
+        if "a" in args.only:
+            x = images(data_dir, 1000 if args.quick else 5000)
+            res["a"] = bench_extraction(spec, x)
+            print("(a)", json.dumps(res["a"]), flush=True)
+        if "b" in args.only:
+            res["b"] = bench_grid(1000 if args.quick else 5000, 10000 if args.quick else 50000, 4096)
+            print("(b)", json.dumps(res["b"]), flush=True)
         if have_shared() and not args.quick:
-            res["c"] = bench_evaluate(data_dir)
-            print("(c)", json.dumps(res["c"]), flush=True)
+            if "c" in args.only:
+                res["c"] = bench_evaluate(data_dir)
+                print("(c)", json.dumps(res["c"]), flush=True)
+            if "d" in args.only:
+                t_infer = res["c"]["inference_60k_s"] if "c" in res else bench_inference(data_dir)
+                rate = res["c"]["gemm_gflops"] * 1e9 if "c" in res else gemm_rate(671, 50000, 1024)
+                res["d"] = bench_layer_sweep(data_dir, t_infer, rate)
+                print("(d)", json.dumps({k: v for k, v in res["d"].items() if k != "rows"}), flush=True)
+            if "e" in args.only:
+                res["e"] = bench_projection(data_dir)
+                print("(e)", json.dumps(res["e"]), flush=True)
     md = table(res)
     res["table"] = md
     atomic_write_json(REPO / "benchmarks" / "results" / "latest.json", res)
