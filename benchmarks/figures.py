@@ -1,0 +1,76 @@
+"""Remake the README's figures from sweep rows, headless, with the app's own figure builders.
+
+    python -m cacheviz sweep-layers --dataset cifar10 --model resnet20 --out rn20-layers.json
+    python -m cacheviz sweep-layers --dataset cifar10 --model resnet56 --out rn56-layers.json
+    python -m cacheviz sweep-size   --dataset cifar10 --model resnet20 --out rn20-sizes.json
+    python benchmarks/figures.py --layers rn20-layers.json rn56-layers.json --sizes rn20-sizes.json \
+        --out-dir docs/figures
+
+writes layer-sweep.png (Figure 2, every --layers file overlaid) and size-sweep.png (Figure 3);
+--table1 t.json adds table1.png. Rows are the JSON lists that `--out X.json` writes.
+Needs kaleido and a local Chrome/Chromium (see cacheviz.plots.fig_to_png); exit status 2 with
+one sentence when something is missing.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from cacheviz import plots  # noqa: E402
+from cacheviz.errors import CachevizError  # noqa: E402
+
+
+def read_rows(path: str | Path, needed: set[str]) -> list[dict]:
+    try:
+        rows = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise CachevizError(f"{path} does not exist; write it with the command line's --out {Path(path).name}.") from None
+    except (OSError, ValueError) as exc:
+        raise CachevizError(f"{path} is not a JSON file of rows ({type(exc).__name__}); write it with --out X.json.") from None
+    if not isinstance(rows, list) or not rows or not all(isinstance(r, dict) and needed <= set(r) for r in rows):
+        raise CachevizError(f"{path} does not hold the rows this figure needs (each with {', '.join(sorted(needed))}).")
+    return rows
+
+
+def write_png(fig, path: Path, width: int) -> Path:
+    path.write_bytes(plots.fig_to_png(fig, width=width))
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--layers", nargs="*", default=[], metavar="JSON", help="sweep-layers rows, one file per model")
+    p.add_argument("--sizes", metavar="JSON", help="sweep-size rows")
+    p.add_argument("--table1", metavar="JSON", help="table1 rows (optional)")
+    p.add_argument("--out-dir", default="docs/figures", help="where the PNGs go (default docs/figures)")
+    p.add_argument("--width", type=int, default=900, help="figure width in layout pixels (PNG at 2x)")
+    args = p.parse_args(argv)
+    if not (args.layers or args.sizes or args.table1):
+        p.error("give --layers, --sizes and/or --table1")
+    try:
+        out = Path(args.out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        written = []
+        if args.layers:
+            rows = [r for f in args.layers for r in read_rows(f, {"model", "layer", "depth", "dim", "acc", "baseline_acc"})]
+            written.append(write_png(plots.fig_layer_sweep(rows), out / "layer-sweep.png", args.width))
+        if args.sizes:
+            rows = read_rows(args.sizes, {"fraction", "seed", "baseline_acc", "cache_acc", "cache_only_acc"})
+            written.append(write_png(plots.fig_size_sweep(rows), out / "size-sweep.png", args.width))
+        if args.table1:
+            rows = read_rows(args.table1, {"model", "dataset", "variant", "error"})
+            written.append(write_png(plots.fig_table1(rows), out / "table1.png", args.width))
+    except CachevizError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for w in written:
+        print(w)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
