@@ -13,12 +13,7 @@ HERE = Path(__file__).resolve().parent
 
 ui.entrypoint_started()
 ui.page_config()
-page = st.navigation(
-    [
-        st.Page(HERE / "pages" / "home.py", title="Cache model", icon=":material/memory:", default=True),
-        st.Page(HERE / "pages" / "neighbours.py", title="Neighbours", icon=":material/image_search:"),
-    ]
-)
+page = st.navigation(ui.pages(HERE))  # every page, in sections: see ui.pages
 with ui.guard("sidebar"):
     ui.sidebar()
 page.run()

@@ -1,10 +1,16 @@
 """Plotly figure builders: plain data in, `go.Figure` out (no Streamlit here)."""
 from __future__ import annotations
 
+import os
+import shutil
+import threading
+from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
 import plotly.graph_objects as go
+
+from .errors import CachevizError
 
 # One colour per quantity, the same on every page.
 COLORS = {"p_net": "#8c8c8c", "p_mem": "#1f77b4", "p": "#d62728"}
@@ -93,3 +99,260 @@ def fig_shares(labels: Sequence[str], shares: np.ndarray, sims: np.ndarray, matc
         xaxis=dict(type="category"),
     )
     return fig
+
+
+# ---------------------------------------------------------------------------------------------
+# The paper's sweeps (Figure 2, Figure 3, Table 1), from the rows of `cacheviz.sweeps`
+
+# One colour per model in overlays; the cache / cache-only colours match the pages above.
+MODEL_COLORS = ["#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf"]
+VARIANT_COLORS = {"baseline": COLORS["p_net"], "cache": COLORS["p"], "cache-only": COLORS["p_mem"], "cache3": "#ff7f0e"}
+
+
+def _group_by_model(rows) -> dict[str, list]:
+    """{"model": rows} from a flat list of sweep rows (a mapping is returned as it is)."""
+    if isinstance(rows, Mapping):
+        return {str(k): list(v) for k, v in rows.items()}
+    groups: dict[tuple, list] = {}
+    for r in rows:
+        groups.setdefault((r.get("model", "?"), r.get("dataset", "")), []).append(r)
+    several = len({ds for _, ds in groups}) > 1
+    return {(f"{m} · {ds}" if several else str(m)): v for (m, ds), v in groups.items()}
+
+
+def fig_layer_sweep(rows_by_model, height: int = 460) -> go.Figure:
+    """Figure 2: test accuracy with each layer alone as keys against its depth l/L.
+
+    `rows_by_model`: {"resnet20": sweep_layers rows, ...}, or one flat list of rows (grouped by
+    their model). Per model: the curve, its baseline as a dashed horizontal line, a star on
+    the best layer. Hover: layer name, key dimension (and the full one when projected), accuracy.
+    """
+    groups = _group_by_model(rows_by_model)
+    fig = go.Figure()
+    retuned, fixed = set(), set()
+    for k, (model, rows) in enumerate(groups.items()):
+        if not rows:
+            continue
+        color = MODEL_COLORS[k % len(MODEL_COLORS)]
+        rows = sorted(rows, key=lambda r: float(r["depth"]))
+        x = [float(r["depth"]) for r in rows]
+        y = [100 * float(r["acc"]) for r in rows]
+        dims = [
+            f"{int(r['dim']):,}" + (f" (projected from {int(r['full_dim']):,})" if r.get("full_dim") and int(r["full_dim"]) != int(r["dim"]) else "")
+            for r in rows
+        ]
+        custom = [[r["layer"], d] for r, d in zip(rows, dims)]
+        fig.add_trace(go.Scatter(
+            x=x, y=y, mode="lines+markers", name=model, legendgroup=model,
+            line=dict(color=color, width=2), marker=dict(color=color, size=7),
+            customdata=custom,
+            hovertemplate=f"<b>{model}</b> · %{{customdata[0]}}<br>l/L = %{{x:.2f}} · dim %{{customdata[1]}}"
+                          f"<br>accuracy %{{y:.2f}}%<extra></extra>",
+        ))
+        base = 100 * float(rows[0]["baseline_acc"])
+        fig.add_trace(go.Scatter(
+            x=[0, 1], y=[base, base], mode="lines", name=f"{model} baseline ({base:.2f}%)", legendgroup=model,
+            line=dict(color=color, width=1.5, dash="dash"),
+            hovertemplate=f"<b>{model}</b> network alone<br>accuracy {base:.2f}%<extra></extra>",
+        ))
+        best = max(range(len(rows)), key=lambda i: (y[i], x[i]))
+        fig.add_trace(go.Scatter(
+            x=[x[best]], y=[y[best]], mode="markers", name=f"{model} best: {rows[best]['layer']}", legendgroup=model,
+            marker=dict(symbol="star", size=18, color=color, line=dict(color="black", width=1)),
+            customdata=[custom[best]],
+            hovertemplate=f"<b>{model}</b> best layer · %{{customdata[0]}}<br>l/L = %{{x:.2f}} · dim %{{customdata[1]}}"
+                          f"<br>accuracy %{{y:.2f}}%<extra></extra>",
+        ))
+        for r in rows:
+            (retuned if r.get("retuned") else fixed).add((r.get("theta"), r.get("lam")))
+    if retuned and not fixed:
+        how = "θ, λ re-tuned per layer"
+    elif len(fixed) == 1 and not retuned:
+        t, l = next(iter(fixed))
+        how = f"θ = {t:g}, λ = {l:g}"
+    else:
+        how = "θ, λ as in the rows"
+    fig.update_layout(
+        title=f"Test accuracy with each layer alone as keys ({how})",
+        xaxis=dict(title="normalised layer depth l/L (0 = input image, 1 = output logits)", range=[-0.03, 1.03],
+                   zeroline=False),
+        yaxis=dict(title="test accuracy (%)"),
+        height=height,
+        margin=dict(l=10, r=10, t=50, b=10),
+        legend=dict(orientation="h", yanchor="top", y=-0.18, xanchor="left", x=0),
+        hovermode="closest",
+    )
+    return fig
+
+
+def size_sweep_summary(rows) -> list[dict]:
+    """Per cache fraction: mean and s.e.m. over seeds of the gain (percentage points) of the
+    cache and of the cache-only model over the network; fraction 0 is the network (gain 0)."""
+    by_frac: dict[float, list] = {}
+    for r in rows:
+        by_frac.setdefault(float(r["fraction"]), []).append(r)
+
+    def stats(values):
+        v = np.asarray(values, dtype=float)
+        sem = float(v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else 0.0
+        return float(v.mean()), sem
+
+    out = []
+    for frac in sorted(by_frac):
+        rs = by_frac[frac]
+        g_cache = [100 * (float(r["cache_acc"]) - float(r["baseline_acc"])) for r in rs]
+        g_only = [0.0 if r.get("cache_only_acc") is None else 100 * (float(r["cache_only_acc"]) - float(r["baseline_acc"]))
+                  for r in rs]
+        (mc, sc), (mo, so) = stats(g_cache), stats(g_only)
+        out.append({
+            "fraction": frac, "n_seeds": len(rs), "n_cache": int(round(np.mean([r.get("n_cache") or 0 for r in rs]))),
+            "baseline_acc": float(np.mean([float(r["baseline_acc"]) for r in rs])),
+            "gain_cache": mc, "sem_cache": sc, "gain_cache_only": mo, "sem_cache_only": so,
+        })
+    return out
+
+
+def _pct(frac: float) -> str:
+    p = 100 * frac
+    return f"{p:.3g}%"
+
+
+def fig_size_sweep(rows, height: int = 440) -> go.Figure:
+    """Figure 3: gain over the network (percentage points, mean ± s.e.m. over seeds) against the
+    cache size, for the cache model and the cache-only model. Fraction 0 is the network itself.
+
+    The sizes are placed evenly (a category axis), so 1% and 3% stay readable beside 100%;
+    hover shows the number of cache items.
+    """
+    summary = size_sweep_summary(rows)
+    x = [_pct(s["fraction"]) + (" (network)" if s["fraction"] == 0 else "") for s in summary]
+    seeds = sorted({s["n_seeds"] for s in summary})
+    fig = go.Figure()
+    for name, key, color in (("cache", "cache", COLORS["p"]), ("cache-only (λ = 1)", "cache_only", COLORS["p_mem"])):
+        fig.add_trace(go.Scatter(
+            x=x, y=[s[f"gain_{key}"] for s in summary], name=name, mode="lines+markers",
+            line=dict(color=color, width=2), marker=dict(color=color, size=8),
+            error_y=dict(type="data", array=[s[f"sem_{key}"] for s in summary], visible=True, thickness=1.5, width=5),
+            customdata=[[s[f"sem_{key}"], s["n_cache"], s["n_seeds"]] for s in summary],
+            hovertemplate=f"<b>{name}</b><br>cache %{{x}} · %{{customdata[1]:,}} items"
+                          f"<br>gain %{{y:+.2f}} ± %{{customdata[0]:.2f}} points (s.e.m., %{{customdata[2]}} seeds)<extra></extra>",
+        ))
+    fig.add_hline(y=0, line=dict(color=COLORS["p_net"], dash="dash", width=1.5),
+                  annotation_text="network alone", annotation_position="bottom right")
+    n = "/".join(map(str, seeds)) if seeds else "0"
+    fig.update_layout(
+        title=f"Gain over the network against cache size (mean ± s.e.m. over {n} seeds)",
+        xaxis=dict(title="cache size (% of the training items)", type="category"),
+        yaxis=dict(title="gain over the network (percentage points)", zeroline=False),
+        height=height,
+        margin=dict(l=10, r=10, t=50, b=10),
+        legend=dict(orientation="h", yanchor="bottom", y=1.0, xanchor="right", x=1.0),
+    )
+    return fig
+
+
+TABLE1_VARIANTS = ("baseline", "cache", "cache-only", "cache3")
+
+
+def fig_table1(rows, height: int = 380) -> go.Figure:
+    """Table 1 as grouped bars: test error (%) of each variant per model and dataset."""
+    groups: dict[str, dict[str, dict]] = {}
+    for r in rows:
+        groups.setdefault(f"{r['model']} · {r['dataset']}", {})[r["variant"]] = r
+    labels = list(groups)
+    fig = go.Figure()
+    for variant in TABLE1_VARIANTS:
+        ys = [100 * float(groups[g][variant]["error"]) if variant in groups[g] else None for g in labels]
+        if all(v is None for v in ys):
+            continue
+        layers = ["+".join(groups[g][variant].get("layers") or []) or "—" if variant in groups[g] else "" for g in labels]
+        fig.add_trace(go.Bar(
+            x=labels, y=ys, name=variant, marker_color=VARIANT_COLORS.get(variant),
+            text=[None if v is None else f"{v:.2f}" for v in ys], textposition="outside",
+            customdata=layers,
+            hovertemplate=f"<b>{variant}</b> · %{{x}}<br>error %{{y:.2f}}%<br>keys %{{customdata}}<extra></extra>",
+        ))
+    n = max(len(labels), 1)
+    pad = max(0.5, (3 - n) / 2 + 0.5)  # one or two models: keep the bars from filling the width
+    fig.update_layout(
+        barmode="group", bargap=0.3, title="Test error per model (lower is better)",
+        yaxis=dict(title="test error (%)"), xaxis=dict(type="category", range=[-pad, n - 1 + pad]),
+        height=height, margin=dict(l=10, r=10, t=50, b=10),
+        legend=dict(orientation="h", yanchor="bottom", y=1.0, xanchor="right", x=1.0),
+    )
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------
+# PNG export (kaleido >= 1 drives a local Chrome/Chromium; nothing is downloaded)
+
+PNG_WIDTH = 1000
+CHROME_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome")
+_png_lock = threading.Lock()
+
+
+def chrome_path() -> str | None:
+    """The browser kaleido will drive: $BROWSER_PATH, else what kaleido's own finder (choreographer)
+    picks (a Chrome it downloaded, then Chrome/Chromium on PATH or in the usual places), else the
+    first of CHROME_NAMES on PATH; None when there is none."""
+    env = os.environ.get("BROWSER_PATH")
+    if env and Path(env).is_file():
+        return env
+    try:
+        from choreographer.browsers.chromium import Chromium
+
+        found = Chromium.find_browser(skip_local=False)
+        if found and Path(found).is_file():
+            return str(found)
+    except Exception:  # an older or newer choreographer: look for ourselves
+        pass
+    for name in CHROME_NAMES:
+        found = shutil.which(name)
+        if found:
+            return found
+    return None
+
+
+def png_problem() -> str | None:
+    """Why PNG export cannot work here, in one sentence, or None. Cheap: starts no browser."""
+    try:
+        from importlib.metadata import version
+
+        import kaleido  # noqa: F401
+        major = int(version("kaleido").split(".")[0])
+    except Exception:
+        return "PNG export needs the kaleido package (pip install -r requirements.txt); the CSV download works without it."
+    if major < 1:
+        return "PNG export needs kaleido 1.0 or newer (pip install -U 'kaleido>=1'); the CSV download works without it."
+    if chrome_path() is None:
+        return ("PNG export needs Chrome or Chromium on this machine (apt-get install chromium, or set BROWSER_PATH); "
+                "the CSV download works without it.")
+    return None
+
+
+def fig_to_png(fig: go.Figure, width: int | None = None, height: int | None = None, scale: float = 2) -> bytes:
+    """The figure as PNG bytes, rendered offline by kaleido in the local Chromium.
+
+    Raises CachevizError (one sentence) when the renderer is unavailable or fails.
+    """
+    problem = png_problem()
+    if problem:
+        raise CachevizError(problem)
+    import kaleido
+
+    w = int(width or fig.layout.width or PNG_WIDTH)
+    h = int(height or fig.layout.height or 500)
+    opts = dict(format="png", width=w, height=h, scale=scale)
+    try:
+        with _png_lock:  # one browser at a time: pages may ask from several threads
+            # plotly.js from the installed plotly package (kaleido's default) and no MathJax (its
+            # default is a CDN): nothing is fetched from the network.
+            data = kaleido.calc_fig_sync(fig.to_dict(), opts=opts, kopts={"mathjax": False, "timeout": 60})
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else "no message"
+        raise CachevizError(
+            f"Rendering the PNG failed ({type(exc).__name__}: {first}); the CSV download still has the numbers."
+        ) from exc
+    if not data.startswith(b"\x89PNG"):
+        raise CachevizError("The PNG renderer returned something that is not a PNG; the CSV download still has the numbers.")
+    return data

@@ -700,3 +700,338 @@ def image_key(image: np.ndarray) -> str:
 
 def thumbnails(imgs: np.ndarray, colors: list, size: int = 96) -> list[np.ndarray]:
     return [images.framed(images.enlarge(im, size), c, width=max(3, size // 20)) for im, c in zip(imgs, colors)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Navigation: every page of the app, in sections (app.py passes this to st.navigation)
+
+
+def pages(root: str | Path) -> dict[str, list]:
+    """The app's pages, grouped: the interactive explorer and the paper's experiments."""
+    pg = Path(root) / "pages"
+    return {
+        "Explore": [
+            st.Page(pg / "home.py", title="Cache model", icon=":material/memory:", default=True),
+            st.Page(pg / "neighbours.py", title="Neighbours", icon=":material/image_search:"),
+        ],
+        "The paper's experiments": [
+            st.Page(pg / "layers.py", title="Which layer (Fig. 2)", icon=":material/stacked_line_chart:"),
+            st.Page(pg / "sizes.py", title="Cache size (Fig. 3)", icon=":material/trending_up:"),
+            st.Page(pg / "table1.py", title="Table 1", icon=":material/table_chart:"),
+        ],
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Sweeps (Figure 2, Figure 3, Table 1) as background jobs on the shared job board.
+#
+# A sweep's rows persist under data_dir/results; whether they are there is asked of the engine
+# itself: the sweep is called with a progress callback that raises at the first stage message
+# ("load data"), which every sweep sends before any work when its rows are not stored yet.
+# Stored rows come back at once and the probe is never called. No key is duplicated here.
+
+SWEEP_STAGES = {
+    "sweep-layers": ("load data", "extract train features", "extract test features", "layers"),
+    "sweep-size": ("load data", "extract train features", "extract test features", "cache sizes"),
+    "table1": ("load data", "extract train features", "extract test features", "tuning"),
+}
+TEST_SIZES = {"cifar10": 10_000}
+SWEEP_DIMS = [64, 128, 256, 512, 1024, 2048, 4096]
+EXACT_LIMIT_GB = 8.0  # the layer sweep refuses exact keys needing more than this
+ProgressFn = Callable[[int, int, str], None]
+
+
+class _NotStored(Exception):
+    """Raised by the probe: the sweep's rows are not stored yet."""
+
+
+def _probe(done: int, total: int, message: str) -> None:
+    if "load data" in str(message):
+        raise _NotStored
+
+
+@dataclass(frozen=True, eq=False)
+class Sweep:
+    """One sweep a page asks for: the setups it runs and how, keyed by everything that decides it."""
+
+    kind: str  # sweep-layers | sweep-size | table1
+    title: str
+    setups: tuple  # (label, Setup) per model; label "" when there is one
+    args: dict
+    data_dir: Path
+    device: str
+    stages: tuple[str, ...]
+
+    @property
+    def job_key(self) -> tuple:
+        params = {"setups": [s.to_dict() for _, s in self.setups], "args": self.args}
+        return (self.kind, store.config_hash(json_safe(params)), str(Path(self.data_dir).resolve()))
+
+    def run(self, progress: ProgressFn) -> list[dict]:
+        from . import sweeps
+
+        rows: list[dict] = []
+        for label, setup in self.setups:
+            report = _stage_progress(progress, SWEEP_STAGES[self.kind], label)
+            common = dict(device=self.device, progress=report)
+            if self.kind == "sweep-layers":
+                rows += sweeps.sweep_layers(setup, self.data_dir, retune=self.args["retune"], **common)
+            elif self.kind == "sweep-size":
+                rows += sweeps.sweep_size(setup, self.data_dir, fractions=self.args["fractions"],
+                                          seeds=self.args["seeds"], **common)
+            else:
+                rows += sweeps.table1([setup], self.data_dir, combine_top=self.args["combine_top"], **common)
+        return rows
+
+
+def json_safe(obj):
+    import json
+
+    return json.loads(json.dumps(obj, default=str))
+
+
+def _stage_progress(progress: ProgressFn, stages: tuple[str, ...], label: str) -> ProgressFn:
+    """Keep the sweep's own stages (others, like table1's per-model note, are dropped) and
+    prefix them with the model's label when several models run in one job."""
+
+    def report(done: int, total: int, message: str) -> None:
+        stage = str(message).partition(": ")[0]
+        if stage not in stages:
+            return
+        progress(done, total, f"{label} · {message}" if label else message)
+
+    return report
+
+
+def sweep_stages(sweep: Sweep) -> tuple[str, ...]:
+    labels = [label for label, _ in sweep.setups]
+    if len(labels) == 1 and not labels[0]:
+        return sweep.stages
+    return tuple(f"{label} · {s}" for label in labels for s in sweep.stages)
+
+
+def stored_sweep(sweep: Sweep) -> list[dict] | None:
+    """The sweep's rows if every part of it is stored (instant), else None; computes nothing."""
+    try:
+        return sweep.run(_probe)
+    except _NotStored:
+        return None
+
+
+def sweep_job(sweep: Sweep) -> Job | None:
+    return jobs().get(sweep.job_key)
+
+
+def start_sweep(sweep: Sweep) -> Job:
+    # Sweeps of one dataset run one after another: on a small machine two at once only thrash.
+    lock = _locks()(("sweep", sweep.setups[0][1].dataset, str(Path(sweep.data_dir).resolve())))
+    return jobs().start(sweep.job_key, sweep.title, sweep.run, lock)
+
+
+def sweep_panel(sweep: Sweep, key: str, label: str = "Run sweep", refusal: str | None = None,
+                note: str | None = None) -> list[dict] | None:
+    """The sweep's stored rows; else the run button and, while the job runs, its progress.
+
+    `refusal`: one sentence why it must not run (shown, no button). The job is shared by every
+    session asking for the same sweep, and a page switch does not stop it.
+    """
+    rows = stored_sweep(sweep)
+    if rows is not None:
+        return rows
+    job = sweep_job(sweep)
+    if job is not None and job.state == "running":
+        show_progress(job, sweep_stages(sweep))
+        return None
+    if refusal:
+        st.warning(refusal, icon=":material/memory:")
+        return None
+    if note and job is None:
+        st.info(note)
+    if st.button(label, type="primary", key=f"{key}_run", icon=":material/play_arrow:"):
+        start_sweep(sweep)
+        st.rerun()
+    if job is not None and job.state == "failed":
+        st.error(job.error or "The sweep failed; try again.")
+    return None
+
+
+def _sweep_setup(choice: Choice, model: str, **changes) -> Setup:
+    return choice.setup.replace(model=model, **changes)
+
+
+def model_label(models: list[str], model: str) -> str:
+    return model if len(models) > 1 else ""
+
+
+def layer_sweep(choice: Choice, models: list[str], project_dim: int | None, retune: bool) -> Sweep:
+    """Figure 2 for `models` (the first is the sidebar's) with the sidebar's cache and flips."""
+    setups = tuple((model_label(models, m), _sweep_setup(choice, m, layers=(), project_dim=project_dim))
+                   for m in models)
+    title = f"layer sweep {choice.setup.dataset}/{'+'.join(models)}"
+    return Sweep("sweep-layers", title, setups, {"retune": bool(retune)}, choice.data_dir, choice.device,
+                 SWEEP_STAGES["sweep-layers"])
+
+
+def size_sweep(choice: Choice, fractions: list[float], seeds: list[int]) -> Sweep:
+    """Figure 3 with the sidebar's setup (its key layers and cache)."""
+    title = f"size sweep {choice.setup.dataset}/{choice.setup.model}/{','.join(choice.layers)}"
+    return Sweep("sweep-size", title, (("", choice.setup),),
+                 {"fractions": sorted(float(f) for f in fractions), "seeds": [int(s) for s in seeds]},
+                 choice.data_dir, choice.device, SWEEP_STAGES["sweep-size"])
+
+
+def table1_sweep(choice: Choice, models: list[str], sidebar_layers: bool, combine_top: int) -> Sweep:
+    """Table 1 for `models`: the 'cache' row keyed on each model's own layers or the sidebar's."""
+    layers = tuple(choice.setup.layers) if sidebar_layers else ()
+    setups = tuple((model_label(models, m), _sweep_setup(choice, m, layers=layers)) for m in models)
+    title = f"table 1 {choice.setup.dataset}/{'+'.join(models)}"
+    return Sweep("table1", title, setups, {"combine_top": int(combine_top)}, choice.data_dir, choice.device,
+                 SWEEP_STAGES["table1"])
+
+
+@st.cache_data(max_entries=8, show_spinner=False)
+def _test_size(dataset: str, where: str) -> int | None:
+    if dataset == "digits":
+        from .data import load_dataset
+
+        return len(load_dataset("digits", where).test_y)
+    return TEST_SIZES.get(dataset)
+
+
+def sweep_feature_bytes(choice: Choice, infos: tuple[LayerInfo, ...] | list[LayerInfo],
+                        project_dim: int | None) -> int:
+    """Float32 features of every layer in `infos` (each projected to at most `project_dim`)
+    for the cache items (with flips) and the test items: what a layer sweep holds at once."""
+    d = sum(min(i.dim, project_dim) if project_dim else i.dim for i in infos)
+    n = choice.setup.train_limit or _train_size(choice.setup.dataset, str(choice.data_dir)) or 0
+    n = int(n) * (2 if choice.setup.flip else 1) + int(_test_size(choice.setup.dataset, str(choice.data_dir)) or 0)
+    return d * n * 4
+
+
+def parse_numbers(text: str, what: str, kind: type = float) -> list:
+    """'0, 0.01; 1' -> [0.0, 0.01, 1.0]; CachevizError with one sentence on anything else."""
+    parts = [p for p in str(text).replace(";", ",").replace(" ", ",").split(",") if p.strip()]
+    try:
+        values = [kind(float(p)) if kind is int else kind(p) for p in parts]
+        if kind is int and any(float(p) != int(float(p)) for p in parts):
+            raise ValueError
+    except ValueError:
+        raise CachevizError(f"Give the {what} as numbers separated by commas, e.g. "
+                            f"{'0, 1' if kind is int else '0, 0.1, 1'}; '{text}' is not.") from None
+    return values
+
+
+# ---------------------------------------------------------------------------------------------
+# Tables of sweep rows for display, and export
+
+
+def pct(x) -> float | None:
+    return None if x is None else round(100 * float(x), 2)
+
+
+def layer_table(rows: list[dict]) -> list[dict]:
+    return [{
+        "model": r["model"], "layer": r["layer"], "l/L": round(float(r["depth"]), 3), "key dim": r["dim"],
+        "full dim": r.get("full_dim"), "cache acc %": pct(r["acc"]), "cache-only acc %": pct(r.get("cache_only_acc")),
+        "baseline acc %": pct(r["baseline_acc"]), "θ": r["theta"], "λ": r["lam"],
+        "cache items": r.get("n_cache"), "test items": r.get("n_test"),
+    } for r in rows]
+
+
+def size_table(rows: list[dict]) -> list[dict]:
+    return [{
+        "fraction": r["fraction"], "seed": r["seed"], "cache items": r.get("n_cache"),
+        "baseline acc %": pct(r["baseline_acc"]), "cache acc %": pct(r["cache_acc"]),
+        "cache-only acc %": pct(r.get("cache_only_acc")), "gain (points)": r.get("gain"),
+        "θ": r.get("theta"), "λ": r.get("lam"), "θ cache-only": r.get("theta_cache_only"),
+    } for r in rows]
+
+
+def size_summary_table(rows: list[dict]) -> list[dict]:
+    from .plots import size_sweep_summary
+
+    return [{
+        "cache size": f"{100 * s['fraction']:.3g}%", "cache items": s["n_cache"], "seeds": s["n_seeds"],
+        "cache gain (points)": round(s["gain_cache"], 2), "cache s.e.m.": round(s["sem_cache"], 2),
+        "cache-only gain (points)": round(s["gain_cache_only"], 2), "cache-only s.e.m.": round(s["sem_cache_only"], 2),
+    } for s in size_sweep_summary(rows)]
+
+
+def table1_wide(rows: list[dict], dataset_column: bool = True) -> list[dict]:
+    """The paper's layout: one row per model and dataset, the error (%) of each variant in a
+    column, then the cache size, hyper-parameters and key layers (with their key dimension)."""
+    groups: dict[tuple, dict[str, dict]] = {}
+    for r in rows:
+        groups.setdefault((r["model"], r["dataset"]), {})[r["variant"]] = r
+    out = []
+    for (model, dataset), v in groups.items():
+        get = lambda name, k: v.get(name, {}).get(k)  # noqa: E731
+        hp = lambda name: (f"{get(name, 'theta'):g}, {get(name, 'lam'):g}"  # noqa: E731
+                           if get(name, "theta") is not None else "—")
+        keys = lambda name: f"{'+'.join(get(name, 'layers') or []) or '—'} ({get(name, 'key_dim') or 0:,})"  # noqa: E731
+        out.append({
+            "model": model, **({"dataset": dataset} if dataset_column else {}),
+            "baseline %": pct(get("baseline", "error")), "cache %": pct(get("cache", "error")),
+            "cache-only %": pct(get("cache-only", "error")), "cache3 %": pct(get("cache3", "error")),
+            "cache θ, λ": hp("cache"), "cache keys": keys("cache"),
+            "cache-only θ": f"{get('cache-only', 'theta'):g}" if get("cache-only", "theta") is not None else "—",
+            "cache3 θ, λ": hp("cache3"), "cache3 keys": keys("cache3"),
+            "cache items": get("cache", "n_cache"),
+        })
+    return out
+
+
+def rows_csv(rows: list[dict]) -> bytes:
+    """The rows as the command line writes them with --out X.csv (lists joined with '+')."""
+    import tempfile
+
+    from .__main__ import write_rows
+
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "rows.csv")
+        write_rows(rows, path)
+        return Path(path).read_bytes()
+
+
+_PNG_CACHE: dict[str, bytes] = {}
+_PNG_LOCK = threading.Lock()
+
+
+def _png_of(fig_json: str) -> bytes:
+    """PNG bytes of a figure (as JSON), rendered once per figure (the newest 16 are kept)."""
+    import plotly.io as pio
+
+    from . import plots
+
+    with _PNG_LOCK:
+        hit = _PNG_CACHE.get(fig_json)
+    if hit is not None:
+        return hit
+    data = plots.fig_to_png(pio.from_json(fig_json))
+    with _PNG_LOCK:
+        _PNG_CACHE[fig_json] = data
+        while len(_PNG_CACHE) > 16:
+            _PNG_CACHE.pop(next(iter(_PNG_CACHE)))
+    return data
+
+
+def export_buttons(fig, rows: list[dict], stem: str, key: str) -> None:
+    """'PNG' (rendered when clicked) and 'CSV' downloads of a figure and its rows; where PNG
+    cannot be rendered here, the one sentence saying why stands in its place."""
+    from . import plots
+
+    row = st.container(horizontal=True, vertical_alignment="center", gap="small")
+    row.download_button("CSV", data=rows_csv(rows), file_name=f"{stem}.csv", mime="text/csv", key=f"{key}_csv",
+                        icon=":material/download:", on_click="ignore", help="The rows, as `--out X.csv` writes them.")
+    problem = plots.png_problem()
+    if problem:
+        row.caption(problem)
+        return
+    fig_json = fig.to_json()
+    row.download_button("PNG", data=lambda: _png_of(fig_json), file_name=f"{stem}.png", mime="image/png",
+                        key=f"{key}_png", icon=":material/image:", on_click="ignore",
+                        help="The figure as a PNG image, rendered when you click (a few seconds).")
+
+def cli_flags(setup: Setup) -> str:
+    """The command-line options that give `setup`'s cache (size, flips), for 'the same numbers as' notes."""
+    return (f" --train-limit {setup.train_limit}" if setup.train_limit else "") + (" --flip" if setup.flip else "")
