@@ -34,6 +34,7 @@ class TerminalProgress:
     def __init__(self, stream=sys.stderr):
         self.stream = stream
         self.message = None
+        self.stage = None
         self.t0 = time.perf_counter()
         self.tty = stream.isatty()
         self.last = 0.0
@@ -42,12 +43,15 @@ class TerminalProgress:
         if done == 0 and total == 1:
             return  # a stage's opening tick; its first real step follows
         now = time.perf_counter()
-        new_stage = message != self.message
+        # "layers: layer3.0" and "layers: layer3.1" are one stage: the clock and ETA run on
+        stage = message.split(":", 1)[0]
+        new_stage = stage != self.stage
         if new_stage:
             if self.message is not None and self.tty:
                 self.stream.write("\n")
-            self.message, self.t0 = message, now
-        elif now - self.last < (0.1 if self.tty else 5) and done < total:
+            self.stage, self.t0 = stage, now
+        self.message = message
+        if not new_stage and now - self.last < (0.1 if self.tty else 5) and done < total:
             return  # a log gets a line every few seconds, a terminal a redraw every 0.1 s
         self.last = now
         frac = done / total if total else 1.0
