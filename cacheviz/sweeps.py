@@ -165,7 +165,7 @@ def sweep_size(
                 p, p_co = predict(mem, q_test, data.p_test, [(g.theta, g.lam), (g.theta_cache_only, 1.0)])
                 acc = accuracy(p, data.y_test)
                 row.update(n_cache=len(mem), cache_acc=_r(acc), cache_only_acc=_r(accuracy(p_co, data.y_test)),
-                           gain=_r(100 * (acc - base)), theta=g.theta, lam=g.lam, theta_cache_only=g.theta_cache_only)
+                           gain=round(100 * (acc - base), 4), theta=g.theta, lam=g.lam, theta_cache_only=g.theta_cache_only)
                 del mem
             rows.append(row)
             stage.inner(i + 1, len(todo), f"{frac:.0%} of the training set, seed {seed}")
