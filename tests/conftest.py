@@ -48,6 +48,15 @@ def resnet20_random(tmp_path_factory):
     return load_model("resnet20", d, checkpoint=ckpt)
 
 
+@pytest.fixture(scope="session")
+def app_entry(tmp_path_factory) -> str:
+    """An entry script that runs app.py: AppTest on app.py itself trips Streamlit's pages/
+    compatibility mode on every run (see cacheviz/ui.py: ensure_entrypoint)."""
+    d = tmp_path_factory.mktemp("entry")
+    (d / "entry.py").write_text(f"import runpy\nrunpy.run_path({str(REPO / 'app.py')!r}, run_name='__main__')\n")
+    return str(d / "entry.py")
+
+
 @pytest.fixture(autouse=True)
 def _no_env_data_dir(monkeypatch):
     monkeypatch.delenv("CACHEVIZ_DATA_DIR", raising=False)

@@ -34,11 +34,9 @@ APP = ""  # the entry script, written by the `entry` fixture
 
 
 @pytest.fixture(scope="module", autouse=True)
-def entry(tmp_path_factory):
+def entry(app_entry):
     global APP
-    d = tmp_path_factory.mktemp("entry")
-    (d / "entry.py").write_text(f"import runpy\nrunpy.run_path({str(REPO / 'app.py')!r}, run_name='__main__')\n")
-    APP = str(d / "entry.py")
+    APP = app_entry
     return APP
 
 
