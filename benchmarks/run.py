@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import shutil
 import subprocess
 import sys
@@ -37,7 +36,7 @@ SHARED = REPO.parent / "shared"
 sys.path.insert(0, str(REPO))
 
 from cacheviz.cache import CacheMemory  # noqa: E402
-from cacheviz.features import extract, make_keys  # noqa: E402
+from cacheviz.features import extract  # noqa: E402
 from cacheviz.models import load_model  # noqa: E402
 from cacheviz.store import atomic_write_json  # noqa: E402
 from cacheviz.tuning import default_grid, grid_search, predict  # noqa: E402

@@ -182,7 +182,7 @@ def extract(
     """
     layers = resolve_layers(spec, list(layers))
     device = torch.device(device)
-    net = spec.net.to(device).eval()
+    spec.net.to(device).eval()  # in place: modules move, so the spec keeps its net
     n = len(images)
     n_out = 2 * n if flip else n
     dims = {i.name: i.dim for i in list_layers(spec) if i.name in layers}

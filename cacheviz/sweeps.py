@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
-import torch
 
 from . import __version__, store
 from .config import Setup

@@ -8,9 +8,7 @@ waits for the gallery and saves a screenshot (its path is printed). Needs Debian
 """
 from __future__ import annotations
 
-import io
 import os
-import shutil
 import signal
 import socket
 import subprocess
