@@ -228,13 +228,24 @@ def _table1_rows(setup, data_dir, combine_top, device, batch_size, progress) -> 
                 "n_cache": len(mem), "layers": layers}
 
     stage.begin("tuning")
-    main = tuned(list(ws.layers))
-    singles = sorted((tuned([n]) for n in candidates), key=lambda r: -r["val"])
+    top_n = min(combine_top, len(candidates))
+    n_combos = sum(len(list(itertools.combinations(range(top_n), k))) for k in range(2, min(3, top_n) + 1))
+    total, done = 1 + len(candidates) + n_combos, 0
+
+    def step(layers: list[str]) -> dict:
+        nonlocal done
+        r = tuned(layers)
+        done += 1
+        stage.inner(done, total, "+".join(layers))
+        return r
+
+    main = step(list(ws.layers))
+    singles = sorted((step([n]) for n in candidates), key=lambda r: -r["val"])
     best = singles[0]
     top = [r["layers"][0] for r in singles[:combine_top]]
     for size in range(2, min(3, len(top)) + 1):
         for combo in itertools.combinations(top, size):
-            r = tuned(list(combo))
+            r = step(list(combo))
             if r["val"] > best["val"]:
                 best = r
     base = accuracy(data.p_test, data.y_test)
