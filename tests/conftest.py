@@ -57,6 +57,19 @@ def app_entry(tmp_path_factory) -> str:
     return str(d / "entry.py")
 
 
+@pytest.fixture(scope="module")
+def app_dir(tmp_path_factory) -> Path:
+    """One data directory per app test module: its pages share builds, other modules start clean."""
+    return tmp_path_factory.mktemp("appdata")
+
+
+@pytest.fixture
+def env(app_dir, monkeypatch):
+    """Point the app (CACHEVIZ_DATA_DIR) at the module's data directory."""
+    monkeypatch.setenv("CACHEVIZ_DATA_DIR", str(app_dir))
+    return app_dir
+
+
 @pytest.fixture(autouse=True)
 def _no_env_data_dir(monkeypatch):
     monkeypatch.delenv("CACHEVIZ_DATA_DIR", raising=False)

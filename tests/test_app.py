@@ -40,17 +40,6 @@ def entry(app_entry):
     return APP
 
 
-@pytest.fixture(scope="module")
-def app_dir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("appdata")
-
-
-@pytest.fixture
-def env(app_dir, monkeypatch):
-    monkeypatch.setenv("CACHEVIZ_DATA_DIR", str(app_dir))
-    return app_dir
-
-
 def _png(arr: np.ndarray, fmt: str = "PNG", **kw) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format=fmt, **kw)

@@ -36,17 +36,6 @@ def entry(app_entry):
     return APP
 
 
-@pytest.fixture(scope="module")
-def app_dir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("sweepdata")
-
-
-@pytest.fixture
-def env(app_dir, monkeypatch):
-    monkeypatch.setenv("CACHEVIZ_DATA_DIR", str(app_dir))
-    return app_dir
-
-
 def _no_problems(at: AppTest) -> None:
     assert not at.exception, [e.value for e in at.exception]
     assert not at.error, [e.value for e in at.error]
