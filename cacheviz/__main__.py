@@ -1,9 +1,11 @@
-"""Command line: the paper's experiments headless, with JSON out.
+"""Command line: the paper's experiments headless, each subcommand a thin adapter over a study.
 
     python -m cacheviz layers --model resnet20 [--json]
     python -m cacheviz evaluate --dataset cifar10 --model resnet20 [--layers layer3.0] [--json OUT]
+    python -m cacheviz sweep-layers | sweep-size | table1 ... [--out X.json|X.csv]
 
-Bad input ends with one sentence naming the fix and a non-zero exit, never a traceback.
+Bad input ends with one sentence naming the fix (with this command line's flags) and exit
+status 2, never a traceback.
 """
 from __future__ import annotations
 
@@ -12,9 +14,20 @@ import json
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from .errors import CachevizError
+
+# How this command line names the engine's parameters in messages (None: it has no such flag).
+FLAGS = {
+    "dataset": "--dataset", "model": "--model", "layers": "--layers", "checkpoint": "--checkpoint PATH",
+    "device": "--device", "train_limit": "--train-limit", "test_limit": "--test-limit",
+    "val_from_train": "--val-from-train", "val_fraction": "the validation share", "grid": "--grid",
+    "project_dim": "--project-dim", "batch_size": "--batch-size", "seed": "--seed", "fractions": "--fractions",
+    "seeds": "--seeds", "combine_top": "--combine-top", "out": "--out", "json": "--json", "theta": "theta",
+    "lam": "lam",
+}
 
 TABLE_ROWS = [
     ("baseline (network alone)", "baseline_acc_val", "baseline_acc", None),
@@ -29,40 +42,35 @@ def _data_dir(args) -> Path:
 
 
 class TerminalProgress:
-    """progress(done, total, message) -> one updating line on stderr, a new line per stage."""
+    """A study's stages as lines on stderr: one updating line per stage, with elapsed time and ETA."""
 
     def __init__(self, stream=sys.stderr):
         self.stream = stream
-        self.message = None
-        self.stage = None
+        self.name = None
         self.t0 = time.perf_counter()
         self.tty = stream.isatty()
         self.last = 0.0
 
-    def __call__(self, done: int, total: int, message: str):
-        if done == 0 and total == 1:
-            return  # a stage's opening tick; its first real step follows
+    def stage(self, name: str) -> None:
+        if self.name is not None and self.tty:
+            self.stream.write("\n")
+        self.name, self.t0, self.last = name, time.perf_counter(), 0.0
+
+    def step(self, done: int, total: int, detail: str = "") -> None:
         now = time.perf_counter()
-        # "layers: layer3.0" and "layers: layer3.1" are one stage: the clock and ETA run on
-        stage = message.split(":", 1)[0]
-        new_stage = stage != self.stage
-        if new_stage:
-            if self.message is not None and self.tty:
-                self.stream.write("\n")
-            self.stage, self.t0 = stage, now
-        self.message = message
-        if not new_stage and now - self.last < (0.1 if self.tty else 5) and done < total:
+        if now - self.last < (0.1 if self.tty else 5) and done < total:
             return  # a log gets a line every few seconds, a terminal a redraw every 0.1 s
         self.last = now
         frac = done / total if total else 1.0
         el = now - self.t0
         eta = f", ETA {el / frac - el:.0f}s" if 0 < frac < 1 else ""
-        line = f"{message}: {done}/{total} ({frac:.0%}, {el:.1f}s{eta})"
+        what = f"{self.name}: {detail}" if detail else str(self.name)
+        line = f"{what}: {done}/{total} ({frac:.0%}, {el:.1f}s{eta})"
         self.stream.write(f"\r{line}\033[K" if self.tty else line + "\n")
         self.stream.flush()
 
-    def close(self):
-        if self.message is not None and self.tty:
+    def close(self) -> None:
+        if self.name is not None and self.tty:
             self.stream.write("\n")
 
 
@@ -74,24 +82,22 @@ def _grid(text: str) -> tuple[int, int]:
     return t, l
 
 
-def _positive(text: str) -> int:
+def _whole(text: str, least: int) -> int:
     try:
         v = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"{v} must be positive")
+    if v < least:
+        raise argparse.ArgumentTypeError(f"{v} must be {'positive' if least == 1 else '0 or more'}")
     return v
+
+
+def _positive(text: str) -> int:
+    return _whole(text, 1)
 
 
 def _nonneg(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"{v} must be 0 or more")
-    return v
+    return _whole(text, 0)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -156,7 +162,7 @@ def cmd_layers(args) -> int:
     from .features import list_layers
     from .models import load_model
 
-    spec = load_model(args.model, _data_dir(args), checkpoint=args.checkpoint)
+    spec = load_model(_model_name(args.model), _data_dir(args), checkpoint=args.checkpoint)
     infos = list_layers(spec)
     default = set(spec.default_layers)
     if args.json:
@@ -183,14 +189,22 @@ def _split_list(text: str | None) -> tuple[str, ...]:
     return tuple(v.strip() for v in text.split(",") if v.strip()) if text else ()
 
 
+def _model_name(text: str | None) -> str | None:
+    if text is not None and not text.strip():
+        raise CachevizError("an empty model name", "name a model (see: python -m cacheviz models)",
+                            param="model", value=text)
+    return text
+
+
 def _setup(args, model: str | None = None, project_dim: int | None = None):
     from .config import DEFAULT_MODEL, Setup
     from .data import canonical_name
 
     dataset = canonical_name(args.dataset)
-    model = model or args.model or DEFAULT_MODEL.get(dataset)
+    model = model or _model_name(args.model) or DEFAULT_MODEL.get(dataset)
     if model is None:
-        raise CachevizError(f"Name a model for dataset '{dataset}' with --model (see: python -m cacheviz models).")
+        raise CachevizError(f"no default model for {dataset}", "name one (see: python -m cacheviz models)",
+                            param="model")
     return Setup(
         dataset=dataset, model=model, layers=_split_list(getattr(args, "layers", None)),
         checkpoint=str(Path(args.checkpoint).resolve()) if args.checkpoint else None,
@@ -200,32 +214,8 @@ def _setup(args, model: str | None = None, project_dim: int | None = None):
     )
 
 
-def write_rows(rows: list[dict], out: str) -> None:
-    """Rows as JSON (a list) or CSV (lists joined with '+'), atomically; '-' prints JSON."""
-    import csv
-    import io
-
-    from .store import atomic_write_bytes
-
-    if out == "-":
-        print(json.dumps(rows, indent=2))
-        return
-    if out.lower().endswith(".csv"):
-        cols = list(dict.fromkeys(k for r in rows for k in r))
-        buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=cols)
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: "+".join(map(str, v)) if isinstance(v, list) else v for k, v in r.items()})
-        atomic_write_bytes(out, buf.getvalue().encode())
-    elif out.lower().endswith(".json"):
-        atomic_write_bytes(out, json.dumps(rows, indent=2).encode() + b"\n")
-    else:
-        raise CachevizError(f"Give --out a file ending in .json or .csv, not '{out}'.")
-
-
 def _print_rows(rows: list[dict], cols: list[str], stream=sys.stdout) -> None:
-    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else ("+".join(v) if isinstance(v, list) else str(v))
+    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else ("+".join(v) if isinstance(v, list) else str(v))  # noqa: E731
     table = [[fmt(r.get(c)) for c in cols] for r in rows]
     widths = [max(len(c), *(len(t[i]) for t in table)) for i, c in enumerate(cols)]
     print("  ".join(c.ljust(w) for c, w in zip(cols, widths)), file=stream)
@@ -233,14 +223,22 @@ def _print_rows(rows: list[dict], cols: list[str], stream=sys.stdout) -> None:
         print("  ".join(v.ljust(w) for v, w in zip(t, widths)), file=stream)
 
 
-def _run_sweep(args, fn, cols) -> int:
-    if args.out and not (args.out == "-" or args.out.lower().endswith((".json", ".csv"))):
-        raise CachevizError(f"Give --out a file ending in .json or .csv, not '{args.out}'.")
+def _run(study, args):
+    """Run a study (the stored result when there is one) with terminal progress."""
     progress = TerminalProgress()
     try:
-        rows = fn(progress)
+        return study.run(_data_dir(args), device=args.device, progress=progress, force=args.force,
+                         batch_size=args.batch_size)
     finally:
         progress.close()
+
+
+def _run_rows(study, args, cols: list[str]) -> int:
+    from .rows import check_out_path, write_rows
+
+    if args.out:
+        check_out_path(args.out)  # before the work, not after it
+    rows = _run(study, args)
     _print_rows(rows, cols, sys.stderr if args.out == "-" else sys.stdout)
     if args.out:
         write_rows(rows, args.out)
@@ -248,56 +246,48 @@ def _run_sweep(args, fn, cols) -> int:
 
 
 def cmd_sweep_layers(args) -> int:
-    from .sweeps import sweep_layers
+    from .sweeps import LayerSweep
 
-    setup = _setup(args, project_dim=None if args.exact else args.project_dim).replace(layers=())
-    layers = list(_split_list(args.layers)) or None
-    return _run_sweep(args, lambda pr: sweep_layers(
-        setup, _data_dir(args), layers=layers, retune=args.retune, device=args.device,
-        batch_size=args.batch_size, progress=pr, force=args.force),
-        ["layer", "depth", "dim", "acc", "cache_only_acc", "baseline_acc", "theta", "lam"])
+    setup = _setup(args, project_dim=None if args.exact else args.project_dim)
+    study = LayerSweep(setup, layers=_split_list(args.layers) or None, retune=args.retune)
+    return _run_rows(study, args, ["layer", "depth", "dim", "acc", "cache_only_acc", "baseline_acc", "theta", "lam"])
 
 
-def _floats(text: str, what: str) -> list[float]:
+def _numbers(text: str, param: str, kind=float) -> list:
     try:
-        return [float(v) for v in _split_list(text)]
+        values = [float(v) for v in _split_list(text)]
+        if kind is int and any(v != int(v) for v in values):
+            raise ValueError
     except ValueError:
-        raise CachevizError(f"Give {what} as comma-separated numbers, e.g. 0,0.1,1, not '{text}'.") from None
+        raise CachevizError("give comma-separated numbers, e.g. 0,0.1,1", param=param, value=text) from None
+    return [kind(v) for v in values]
 
 
 def cmd_sweep_size(args) -> int:
-    from .sweeps import sweep_size
+    from .sweeps import SizeSweep
 
-    setup = _setup(args, project_dim=args.project_dim)
-    fractions = _floats(args.fractions, "--fractions")
-    seeds = [int(s) for s in _floats(args.seeds, "--seeds")]
-    return _run_sweep(args, lambda pr: sweep_size(
-        setup, _data_dir(args), fractions=fractions, seeds=seeds, device=args.device,
-        batch_size=args.batch_size, progress=pr, force=args.force),
-        ["fraction", "seed", "n_cache", "baseline_acc", "cache_acc", "cache_only_acc", "gain", "theta", "lam"])
+    study = SizeSweep(_setup(args, project_dim=args.project_dim), fractions=_numbers(args.fractions, "fractions"),
+                      seeds=_numbers(args.seeds, "seeds", int))
+    return _run_rows(study, args, ["fraction", "seed", "n_cache", "baseline_acc", "cache_acc", "cache_only_acc",
+                                   "gain", "theta", "lam"])
 
 
 def cmd_table1(args) -> int:
-    from .sweeps import table1
+    from .sweeps import table1_group
 
     models = _split_list(args.models) or (None,)
-    setups = [_setup(args, model=m, project_dim=args.project_dim) for m in models]
-    return _run_sweep(args, lambda pr: table1(
-        setups, _data_dir(args), combine_top=args.combine_top, device=args.device,
-        batch_size=args.batch_size, progress=pr, force=args.force),
-        ["model", "dataset", "variant", "error", "theta", "lam", "layers"])
+    study = table1_group([_setup(args, model=m, project_dim=args.project_dim) for m in models], args.combine_top)
+    return _run_rows(study, args, ["model", "dataset", "variant", "error", "theta", "lam", "layers"])
 
 
 def cmd_evaluate(args) -> int:
-    from .experiment import evaluate
+    from .experiment import Evaluate
+    from .rows import check_out_path, json_bytes
+    from .store import atomic_write_bytes
 
-    setup = _setup(args, project_dim=args.project_dim)
-    progress = TerminalProgress()
-    try:
-        r = evaluate(setup, _data_dir(args), device=args.device, batch_size=args.batch_size,
-                     progress=progress, force=args.force)
-    finally:
-        progress.close()
+    if args.json:
+        check_out_path(args.json, param="json", suffixes=())
+    r = _run(Evaluate(_setup(args, project_dim=args.project_dim)), args)
     out = sys.stderr if args.json == "-" else sys.stdout
     print(f"{r['dataset']} · {r['model']} · keys {','.join(r['layers'])} ({r['key_dim']}-d) · "
           f"cache {r['n_cache']} items · val {r['n_val']} ({r['val_part']}) · test {r['n_test']}", file=out)
@@ -307,25 +297,27 @@ def cmd_evaluate(args) -> int:
         print(f"{label.format(**r):<26}{val:>9}{r[kt]:>10.2%}   {hp.format(**r) if hp else ''}", file=out)
     print(f"cache fixed {r['n_fixed']} and broke {r['n_broken']} of the network's test answers; "
           f"{r['seconds']:.1f}s on {r['device']}", file=out)
-    if args.json:
-        text = json.dumps(r, indent=2)
-        if args.json == "-":
-            print(text)
-        else:
-            from .store import atomic_write_bytes
-
-            atomic_write_bytes(args.json, text.encode() + b"\n")
+    if args.json == "-":
+        print(json.dumps(r, indent=2))
+    elif args.json:
+        atomic_write_bytes(args.json, json_bytes(r))
     return 0
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    print(f"warning: {message}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    commands = {"layers": cmd_layers, "models": cmd_models, "evaluate": cmd_evaluate,
+                "sweep-layers": cmd_sweep_layers, "sweep-size": cmd_sweep_size, "table1": cmd_table1}
+    shown = warnings.showwarning
+    warnings.showwarning = _show_warning  # a damaged stored file: one line, not a source listing
     try:
-        commands = {"layers": cmd_layers, "models": cmd_models, "evaluate": cmd_evaluate,
-                    "sweep-layers": cmd_sweep_layers, "sweep-size": cmd_sweep_size, "table1": cmd_table1}
         return commands[args.command](args)
     except CachevizError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {exc.render(FLAGS)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; stored results are intact.", file=sys.stderr)
@@ -342,6 +334,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(f"error: unexpected {type(exc).__name__}: {msg[:200]} — re-run with --debug and report it.", file=sys.stderr)
         return 1
+    finally:
+        warnings.showwarning = shown
 
 
 if __name__ == "__main__":

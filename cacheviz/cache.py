@@ -62,7 +62,7 @@ class SimilarityBlock:
     def p_mem(self, theta: float) -> torch.Tensor:
         """(n, C) p_mem at one theta."""
         if theta <= 0:
-            raise CachevizError(f"theta must be positive; got {theta}.")
+            raise CachevizError("must be positive", param="theta", value=theta)
         torch.mul(self.shifted, theta, out=self._buf)
         self._buf.exp_()
         return self._class_mass(self._buf)

@@ -6,6 +6,9 @@ from dataclasses import dataclass
 
 from .errors import CachevizError
 
+# A finer theta x lam grid than this is refused: it costs time and tunes nothing more.
+MAX_GRID = 101
+
 # The model a dataset gets when none is named.
 DEFAULT_MODEL = {"digits": "digits-cnn", "cifar10": "resnet20"}
 
@@ -31,18 +34,27 @@ class Setup:
     def __post_init__(self):
         for name in ("train_limit", "test_limit", "project_dim"):
             v = getattr(self, name)
-            if v is not None and (not isinstance(v, int) or v <= 0):
-                raise CachevizError(f"{name.replace('_', '-')} must be a positive whole number; got {v}.")
-        if self.val_from_train < 0:
-            raise CachevizError(f"val-from-train must be 0 or a positive number of items; got {self.val_from_train}.")
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v <= 0):
+                raise CachevizError("give a positive whole number", "leave it unset", param=name, value=v)
+        if not isinstance(self.val_from_train, int) or self.val_from_train < 0:
+            raise CachevizError("give 0 or a positive number of training items", param="val_from_train",
+                                value=self.val_from_train)
         if not 0.0 < self.val_fraction < 1.0:
-            raise CachevizError(f"val-fraction must be between 0 and 1; got {self.val_fraction}.")
-        if self.n_theta < 1 or self.n_lam < 1:
-            raise CachevizError("The theta x lam grid needs at least one value each; use e.g. --grid 9x9.")
+            raise CachevizError("give a share strictly between 0 and 1", param="val_fraction", value=self.val_fraction)
+        if not (1 <= self.n_theta <= MAX_GRID and 1 <= self.n_lam <= MAX_GRID):
+            raise CachevizError(f"give 1 to {MAX_GRID} values of theta and of lam", "use e.g. 9x9 (the author used 33x33)",
+                                param="grid", value=f"{self.n_theta}x{self.n_lam}")
         object.__setattr__(self, "layers", tuple(self.layers))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def identity(self) -> dict:
+        """What determines results besides the files read: everything but the checkpoint's path
+        (results are keyed by the SHA-256 of the weights themselves, wherever they lie)."""
+        d = self.to_dict()
+        d.pop("checkpoint")
+        return d
 
     def replace(self, **changes) -> "Setup":
         return dataclasses.replace(self, **changes)

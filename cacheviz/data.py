@@ -6,10 +6,12 @@ Decoding happens once; the tensors are kept under `<data_dir>/tensors/` and relo
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
 import re
+import time
 import warnings
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -21,9 +23,9 @@ import numpy as np
 import torch
 
 from .errors import CachevizError
+from .progress import ProgressFn
 from .store import config_hash, load_tensors, save_tensors
 
-ProgressFn = Callable[[int, int, str], None]
 
 KNOWN_DATASETS = ("digits", "cifar10", "cifar100", "mnist", "fashion-mnist")
 
@@ -167,13 +169,12 @@ def balanced_subset(labels: torch.Tensor, limit: int, seed: int) -> torch.Tensor
     return torch.nonzero(take).flatten()
 
 
-def _limited(labels: torch.Tensor, limit: int | None, n_classes: int, what: str, flag: str, seed: int) -> torch.Tensor:
+def _limited(labels: torch.Tensor, limit: int | None, n_classes: int, what: str, param: str, seed: int) -> torch.Tensor:
     if limit is None:
         return torch.arange(len(labels), dtype=torch.int64)
     if int(limit) < n_classes:
-        raise CachevizError(
-            f"Set {flag} to at least {n_classes} (one {what} item per class) or leave it unset, not {limit}."
-        )
+        raise CachevizError(f"too small to hold one {what} item per class", f"give at least {n_classes}",
+                            "leave it unset", param=param, value=limit)
     return balanced_subset(labels, int(limit), seed)
 
 
@@ -195,43 +196,36 @@ def make_split(
     """
     n_classes_train = len(torch.unique(ds.train_y))
     n_classes_test = len(torch.unique(ds.test_y))
-    train_sub = _limited(ds.train_y, train_limit, n_classes_train, "training", "--train-limit", seed)
-    test_sub = _limited(ds.test_y, test_limit, n_classes_test, "test", "--test-limit", seed)
+    train_sub = _limited(ds.train_y, train_limit, n_classes_train, "training", "train_limit", seed)
+    test_sub = _limited(ds.test_y, test_limit, n_classes_test, "test", "test_limit", seed)
     val_from_train = int(val_from_train)
     if val_from_train < 0:
-        raise CachevizError(f"Set --val-from-train to 0 or a positive number of training items, not {val_from_train}.")
-
+        raise CachevizError("give 0 or a positive number of training items", param="val_from_train",
+                            value=val_from_train)
     if val_from_train == 0:
         if not 0.0 < float(val_fraction) < 1.0:
-            raise CachevizError(f"Set val_fraction strictly between 0 and 1, not {val_fraction}.")
+            raise CachevizError("give a share strictly between 0 and 1", param="val_fraction", value=val_fraction)
         m = len(test_sub)
         n_val = int(round(float(val_fraction) * m))
         if not 0 < n_val < m:
             raise CachevizError(
-                f"Use a val_fraction or test_limit that leaves both validation and test items "
-                f"(val_fraction {val_fraction} of {m} test items gives {n_val} validation items)."
+                f"{val_fraction} of {m} test items gives {n_val} validation items, which leaves no validation "
+                "or no test items", "raise {test_limit}", param="val_fraction", value=val_fraction,
             )
-        first, rest = stratified_split(ds.test_y[test_sub], n_val, seed)
-        return Split(
-            val_part="test",
-            val_idx=test_sub[first],
-            test_idx=test_sub[rest],
-            cache_val_idx=train_sub.clone(),
-            cache_test_idx=train_sub.clone(),
-        )
-
-    n_train = len(train_sub)
-    if val_from_train >= n_train:
-        raise CachevizError(
-            f"Set --val-from-train below {n_train} (the number of training items) so the cache keeps some, "
-            f"not {val_from_train}."
-        )
-    first, rest = stratified_split(ds.train_y[train_sub], val_from_train, seed)
+        # validation: a stratified part of the (limited) test set; both caches hold every training item
+        part, pool, n_first = "test", test_sub, n_val
+    else:
+        if val_from_train >= len(train_sub):
+            raise CachevizError("leaves no training items for the cache", f"give fewer than {len(train_sub)}",
+                                param="val_from_train", value=val_from_train)
+        part, pool, n_first = "train", train_sub, val_from_train
+    labels = ds.test_y if part == "test" else ds.train_y
+    first, rest = stratified_split(labels[pool], n_first, seed)
     return Split(
-        val_part="train",
-        val_idx=train_sub[first],
-        test_idx=test_sub.clone(),
-        cache_val_idx=train_sub[rest],
+        val_part=part,
+        val_idx=pool[first],
+        test_idx=pool[rest] if part == "test" else test_sub.clone(),
+        cache_val_idx=train_sub.clone() if part == "test" else train_sub[rest],
         cache_test_idx=train_sub.clone(),
     )
 
@@ -245,14 +239,15 @@ def canonical_name(name: str) -> str:
     if raw.lower().startswith("folder:"):
         path = raw[len("folder:") :].strip()
         if not path:
-            raise CachevizError("Give the folder after the prefix, as folder:/path/to/tree.")
+            raise CachevizError("no folder after the prefix", "give it as folder:/path/to/tree",
+                                param="dataset", value=raw)
         return "folder:" + str(Path(path).expanduser().resolve())
     key = raw.lower().replace("_", "-")
     key = _ALIASES.get(key, key)
     if key not in KNOWN_DATASETS:
         raise CachevizError(
-            f"Unknown dataset {name!r}; use one of {', '.join(KNOWN_DATASETS)} or folder:PATH "
-            f"for an image-folder tree PATH/{{train,test}}/<class>/<images>."
+            "no such dataset", f"use one of {', '.join(KNOWN_DATASETS)} or folder:PATH "
+            "for an image-folder tree PATH/(train, test)/<class>/<images>", param="dataset", value=name,
         )
     return key
 
@@ -285,17 +280,49 @@ def load_dataset(
     data_dir.mkdir(parents=True, exist_ok=True)
     if canonical == "digits":
         return _load_digits(progress)
-    if canonical.startswith("folder:"):
-        root = Path(canonical[len("folder:") :])
+    root = _folder_root(canonical, data_dir)
+    if root is not None:
         return _load_folder(canonical, root, data_dir, progress)
-    local = data_dir / canonical
-    if (local / "train").is_dir() and (local / "test").is_dir():
-        return _load_folder(canonical, local.resolve(), data_dir, progress)
     return _load_torchvision(canonical, data_dir, progress, download)
 
 
+def _folder_root(canonical: str, data_dir: Path) -> Path | None:
+    """The image-folder tree a dataset is read from, or None for digits and downloads."""
+    if canonical.startswith("folder:"):
+        return Path(canonical[len("folder:") :])
+    local = data_dir / canonical
+    if canonical != "digits" and (local / "train").is_dir() and (local / "test").is_dir():
+        return local.resolve()
+    return None
+
+
+_FP_MEMO: dict[tuple[str, str], tuple[float, str]] = {}
+
+
+def dataset_fingerprint(name: str, data_dir: str | os.PathLike, max_age: float = 0.0) -> str:
+    """The `fingerprint` that `load_dataset(name, data_dir)` gives, found without decoding anything.
+
+    For a folder tree it covers every file's name, size and modification time (one directory
+    walk, about 0.25 s for CIFAR-10's 60,000 files); `max_age` > 0 reuses a walk made less than
+    that many seconds ago (the app, which asks on every rerun).
+    """
+    canonical = canonical_name(name)
+    data_dir = Path(data_dir).expanduser()
+    if canonical == "digits":
+        return _digits_fingerprint()
+    memo_key = (canonical, str(data_dir.resolve()))
+    hit = _FP_MEMO.get(memo_key)
+    if max_age > 0 and hit is not None and time.monotonic() - hit[0] < max_age:
+        return hit[1]
+    root = _folder_root(canonical, data_dir)
+    key = _folder_source(canonical, root)[0] if root is not None else _torchvision_key(canonical, data_dir)
+    fp = _fingerprint(key)
+    _FP_MEMO[memo_key] = (time.monotonic(), fp)
+    return fp
+
+
 def _fingerprint(meta: dict[str, Any]) -> str:
-    return config_hash(meta)[:12]
+    return config_hash(_normalised(meta))
 
 
 def _load_digits(progress: ProgressFn | None) -> Dataset:
@@ -307,7 +334,6 @@ def _load_digits(progress: ProgressFn | None) -> Dataset:
     x = torch.from_numpy(images)
     y = torch.from_numpy(np.asarray(bunch.target, dtype=np.int64))
     test_idx, train_idx = stratified_split(y, int(round(0.25 * len(y))), seed=0)
-    digest = hashlib.sha256(images.tobytes() + y.numpy().tobytes()).hexdigest()
     _progress(progress, len(y), len(y), "Loaded digits")
     return Dataset(
         name="digits",
@@ -316,8 +342,18 @@ def _load_digits(progress: ProgressFn | None) -> Dataset:
         test_x=x[test_idx].contiguous(),
         test_y=y[test_idx].contiguous(),
         classes=[str(d) for d in range(10)],
-        fingerprint=_fingerprint({"name": "digits", "content": digest[:16], "version": DATA_VERSION}),
+        fingerprint=_digits_fingerprint(),
     )
+
+
+@functools.lru_cache(maxsize=1)
+def _digits_fingerprint() -> str:
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    digest = hashlib.sha256(np.ascontiguousarray(bunch.images).tobytes()
+                            + np.asarray(bunch.target, dtype=np.int64).tobytes()).hexdigest()
+    return _fingerprint({"name": "digits", "content": digest[:16], "version": DATA_VERSION})
 
 
 # --- image-folder trees ------------------------------------------------------------------------
@@ -325,7 +361,8 @@ def _load_digits(progress: ProgressFn | None) -> Dataset:
 
 def _folder_layout_error(root: Path, problem: str) -> CachevizError:
     return CachevizError(
-        f"{problem}; arrange the images as {root}/train/<class>/<images> and {root}/test/<class>/<images>."
+        problem, f"arrange the images as {root}/train/<class>/<images> and {root}/test/<class>/<images>",
+        param="dataset",
     )
 
 
@@ -442,7 +479,8 @@ def _decode_folder(root: Path, classes: list[str], files: dict[str, list], progr
     return tensors
 
 
-def _load_folder(canonical: str, root: Path, data_dir: Path, progress: ProgressFn | None) -> Dataset:
+def _folder_source(canonical: str, root: Path) -> tuple[dict[str, Any], list[str], dict[str, list]]:
+    """(key, class names, files per part) of a folder tree: checks its layout and lists it."""
     if not root.is_dir():
         raise _folder_layout_error(root, f"Folder {root} does not exist")
     for part in ("train", "test"):
@@ -473,6 +511,11 @@ def _load_folder(canonical: str, root: Path, data_dir: Path, progress: ProgressF
     }
     key = {"name": canonical, "source": str(root), "source_fingerprint": source, "classes": classes,
            "version": DATA_VERSION}
+    return key, classes, files
+
+
+def _load_folder(canonical: str, root: Path, data_dir: Path, progress: ProgressFn | None) -> Dataset:
+    key, classes, files = _folder_source(canonical, root)
     return _cached_dataset(canonical, key, data_dir, lambda: (_decode_folder(root, classes, files, progress), classes))
 
 
@@ -539,10 +582,16 @@ def _dataset(canonical: str, t: dict[str, torch.Tensor], classes: list[str], key
 # --- torchvision downloads ---------------------------------------------------------------------
 
 
+def _torchvision_key(canonical: str, data_dir: Path) -> dict[str, Any]:
+    # torchvision checks its archives' MD5 sums, so the source names the content
+    downloads = (data_dir / "downloads").resolve()
+    return {"name": canonical, "source": f"torchvision:{_TORCHVISION_CLASS[canonical]}@{downloads}",
+            "version": DATA_VERSION}
+
+
 def _load_torchvision(canonical: str, data_dir: Path, progress: ProgressFn | None, download: bool) -> Dataset:
     downloads = (data_dir / "downloads").resolve()
-    key = {"name": canonical, "source": f"torchvision:{_TORCHVISION_CLASS[canonical]}@{downloads}",
-           "version": DATA_VERSION}
+    key = _torchvision_key(canonical, data_dir)
     return _cached_dataset(canonical, key, data_dir, lambda: _fetch_torchvision(canonical, data_dir, downloads, progress, download))
 
 
@@ -553,10 +602,8 @@ def _fetch_torchvision(
 
     cls = getattr(tvd, _TORCHVISION_CLASS[canonical])
     pretty = _PRETTY[canonical]
-    fix = (
-        f"put an image-folder tree at {data_dir / canonical}/{{train,test}}/<class>/ "
-        f"or use --dataset digits, which works offline"
-    )
+    fixes = (f"put an image-folder tree at {data_dir / canonical}/(train, test)/<class>/",
+             "use the offline digits for {dataset}")
     tensors: dict[str, torch.Tensor] = {}
     classes: list[str] = []
     for step, part in enumerate(("train", "test")):
@@ -565,8 +612,9 @@ def _fetch_torchvision(
             ds = cls(root=str(downloads), train=(part == "train"), download=download)
         except Exception as exc:  # URLError, OSError, RuntimeError("not found"), checksum errors
             if not download:
-                raise CachevizError(f"{pretty} is not in {downloads} and downloading is off; allow the download or {fix}.") from exc
-            raise CachevizError(f"Could not download {pretty} (no network?); {fix}.") from exc
+                raise CachevizError(f"{pretty} is not in {downloads} and downloading is off",
+                                    "allow the download", *fixes) from exc
+            raise CachevizError(f"could not download {pretty} (no network?)", *fixes) from exc
         x = np.asarray(ds.data.numpy() if torch.is_tensor(ds.data) else ds.data, dtype=np.uint8)
         if x.ndim == 3:
             x = x[..., None]

@@ -9,14 +9,14 @@ import difflib
 import weakref
 import zlib
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
 from .errors import CachevizError
+from .progress import ProgressFn
 
-ProgressFn = Callable[[int, int, str], None]
 
 
 @dataclass(frozen=True)
@@ -42,16 +42,21 @@ def resolve_layers(spec, names: Sequence[str] | str | None) -> list[str]:
     for n in names:
         if n not in known:
             close = difflib.get_close_matches(n, known, n=3)
-            hint = f" Did you mean {', '.join(close)}?" if close else ""
-            raise CachevizError(
-                f"Unknown layer '{n}' for {spec.name}.{hint} "
-                f"List the layers with: python -m cacheviz layers --model {spec.name}"
-            )
+            hint = f" (closest: {', '.join(close)})" if close else ""
+            raise CachevizError(f"{spec.name} has no layer {n!r}{hint}", f"choose from {_listing(known)}",
+                                param="layers", value=list(names))
         if n not in out:
             out.append(n)
     if not out:
-        raise CachevizError(f"No layers given; list them with: python -m cacheviz layers --model {spec.name}")
+        raise CachevizError("no layers given", f"choose from {_listing(known)}", param="layers", value=list(names))
     return out
+
+
+def _listing(names: list[str], most: int = 12) -> str:
+    if len(names) <= most:
+        return ", ".join(names)
+    head = most // 2
+    return f"{', '.join(names[:head])}, …, {', '.join(names[-head:])} ({len(names)} layers)"
 
 
 def _ordered(spec, layers: Sequence[str]) -> list[str]:
@@ -172,10 +177,11 @@ def extract(
     project_dim: int | None = None,
     seed: int = 0,
     progress: ProgressFn | None = None,
+    out_device: str | torch.device = "cpu",
 ) -> dict[str, torch.Tensor]:
     """Flattened activations of `layers` for `images` (N, H, W, C) uint8, in ONE forward pass.
 
-    Returns {layer: (N', d) float32 on CPU}; with `flip`, N' = 2N: the N images, then their
+    Returns {layer: (N', d) float32 on `out_device`}; with `flip`, N' = 2N: the N images, then their
     horizontal flips in the same order. Layers wider than `project_dim` are randomly projected
     to `project_dim` dimensions as they are extracted, so the full-width tensor never exists.
     Not normalised: keys are normalised after concatenation (`make_keys`).
@@ -187,7 +193,7 @@ def extract(
     n_out = 2 * n if flip else n
     dims = {i.name: i.dim for i in list_layers(spec) if i.name in layers}
     proj = {name: SignSketch(d, project_dim, seed, name) for name, d in dims.items() if project_dim and d > project_dim}
-    out = {name: torch.empty(n_out, project_dim if name in proj else d) for name, d in dims.items()}
+    out = {name: torch.empty(n_out, project_dim if name in proj else d, device=out_device) for name, d in dims.items()}
     done = 0
     with torch.inference_mode():
         for start in range(0, n, batch_size):
@@ -200,7 +206,6 @@ def extract(
                 a = acts[name].flatten(1).float()
                 if name in proj:
                     a = proj[name](a)
-                a = a.cpu()
                 out[name][start : start + b] = a[:b]
                 if flip:
                     out[name][n + start : n + start + b] = a[b:]
@@ -218,9 +223,12 @@ def make_keys(
     `rows` selects and orders items. The result is filled layer by layer, so peak memory is
     the keys plus one layer's selection, not two full copies of the keys.
     """
+    device = feats[layers[0]].device
+    if rows is not None:
+        rows = rows.to(device)
     n = len(feats[layers[0]]) if rows is None else len(rows)
     dims = [feats[name].shape[1] for name in layers]
-    keys = torch.empty(n, sum(dims), dtype=torch.float32)
+    keys = torch.empty(n, sum(dims), dtype=torch.float32, device=device)
     off = 0
     for name, d in zip(layers, dims):
         keys[:, off : off + d] = feats[name] if rows is None else feats[name][rows]

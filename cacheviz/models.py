@@ -22,7 +22,6 @@ import urllib.error
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -30,8 +29,8 @@ import torch.nn.functional as F
 
 from . import store
 from .errors import CachevizError
+from .progress import ProgressFn
 
-ProgressFn = Callable[[int, int, str], None]
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 CIFAR_MEAN = (0.485, 0.456, 0.406)
@@ -198,8 +197,9 @@ def _blocks_per_stage(depth: int) -> int:
         d = None
     if d is None or isinstance(depth, bool) or d < 8 or (d - 2) % 6 != 0:
         raise CachevizError(
-            f"A CIFAR ResNet needs a depth of 6n+2 with n >= 1 (8, 14, 20, 32, 44, 56, 110, 1202, ...), "
-            f"not {depth}; for ImageNet ResNets use torchvision:<name>, e.g. torchvision:resnet18."
+            f"a CIFAR ResNet needs a depth of 6n+2 with n >= 1 (8, 14, 20, 32, 44, 56, 110, 1202, ...), not {depth}",
+            "for ImageNet ResNets use torchvision:<name>, e.g. torchvision:resnet18",
+            param="model", value=f"resnet{depth}",
         )
     return (d - 2) // 6
 
@@ -331,12 +331,12 @@ def _load_digits(data_dir: Path, checkpoint: Path | None, progress, train_if_mis
     net = DigitsCNN()
     if checkpoint is not None:
         _load_weights(net, checkpoint, "digits-cnn")
-        return _digits_spec_shell(net, _file_id(checkpoint))
+        return _digits_spec_shell(net, store.file_sha256(checkpoint))
     path = data_dir / "checkpoints" / DIGITS_FILE
     if path.exists():
         try:
             _load_weights(net, path, "digits-cnn")
-            return _digits_spec_shell(net, _file_id(path))
+            return _digits_spec_shell(net, store.file_sha256(path))
         except CachevizError as exc:
             # Our own artefact: a damaged copy costs a retrain, never a wrong answer.
             if not train_if_missing:
@@ -344,57 +344,50 @@ def _load_digits(data_dir: Path, checkpoint: Path | None, progress, train_if_mis
             warnings.warn(f"{path} is unusable ({exc}); digits-cnn will be retrained.", stacklevel=3)
     elif not train_if_missing:
         raise CachevizError(
-            f"digits-cnn has not been trained yet in {path.parent}; load it once with training allowed "
-            f"or pass --checkpoint PATH."
+            f"digits-cnn has not been trained yet in {path.parent}",
+            "load it once with training allowed", "pass {checkpoint}", param="model", value="digits-cnn",
         )
     net = train_digits_cnn(data_dir, seed=0, progress=progress)
     buf = io.BytesIO()
     torch.save(net.state_dict(), buf)
     store.atomic_write_bytes(path, buf.getvalue())
-    return _digits_spec_shell(net, _file_id(path))
+    return _digits_spec_shell(net, store.file_sha256(path))
 
 
 # ---------------------------------------------------------------------------------------------
 # Checkpoints
 
 
-def _file_id(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
-
-
 def _state_dict_id(net: nn.Module) -> str:
     buf = io.BytesIO()
     torch.save(net.state_dict(), buf)
-    return hashlib.sha256(buf.getvalue()).hexdigest()[:16]
+    return hashlib.sha256(buf.getvalue()).hexdigest()
 
 
 def _read_state_dict(path: Path, arch: str) -> dict[str, torch.Tensor]:
     if not path.is_file():
-        raise CachevizError(f"Checkpoint {path} does not exist; pass the path of a checkpoint saved from {arch}.")
+        raise CachevizError(f"{path} does not exist", f"give the path of a checkpoint saved from {arch}",
+                            param="checkpoint", value=str(path))
     try:
         obj = torch.load(path, weights_only=True, map_location="cpu")
     except pickle.UnpicklingError as exc:
         # weights_only refuses pickled classes and functions, which could run code when loaded.
         why = "it holds pickled objects other than tensors" if "global" in str(exc).lower() else "torch.load refused it"
         raise CachevizError(
-            f"Checkpoint {path} must be a plain state_dict saved with torch.save(model.state_dict(), path) "
-            f"({why}); re-save it that way from {arch}."
+            f"this must be a plain state_dict saved with torch.save(model.state_dict(), path) ({why})",
+            f"re-save it that way from {arch}", param="checkpoint", value=str(path),
         ) from None
     except Exception as exc:
         raise CachevizError(
-            f"Checkpoint {path} could not be read ({type(exc).__name__}); pass a checkpoint saved from {arch} "
-            f"with torch.save."
+            f"this file could not be read as a checkpoint ({type(exc).__name__})",
+            f"give a checkpoint saved from {arch} with torch.save", param="checkpoint", value=str(path),
         ) from None
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CachevizError(
-            f"Checkpoint {path} holds no state_dict (a dict of tensors, bare or under 'state_dict'); "
-            f"pass a checkpoint saved from {arch}."
+            "this file holds no state_dict (a dict of tensors, bare or under 'state_dict')",
+            f"give a checkpoint saved from {arch}", param="checkpoint", value=str(path),
         )
     # DataParallel (as in the published CIFAR checkpoints) prefixes every key with "module.".
     return {(k[len("module.") :] if k.startswith("module.") else k): v for k, v in obj.items()}
@@ -419,21 +412,22 @@ def _load_weights(net: nn.Module, path: Path, arch: str) -> None:
             detail = f"{len(unexpected)} keys are unexpected, e.g. {unexpected[0]}"
         like = [k for k in expected if k not in optional][-3]
         raise CachevizError(
-            f"This checkpoint does not fit {arch} (expected keys like {like} with shape "
-            f"{tuple(expected[like].shape)}, but {detail}); pass a checkpoint saved from {arch}."
+            f"this checkpoint does not fit {arch} (expected keys like {like} with shape "
+            f"{tuple(expected[like].shape)}, but {detail})",
+            f"give a checkpoint saved from {arch}", param="checkpoint", value=str(path),
         )
     net.load_state_dict(state, strict=False)
     net.eval()
 
 
-def _download(url: str, dst: Path, hash_prefix: str | None, what: str, fix: str) -> None:
+def _download(url: str, dst: Path, hash_prefix: str | None, what: str, *fixes: str) -> None:
     dst.parent.mkdir(parents=True, exist_ok=True)
     try:
         # Looked up at call time so tests can simulate a machine without network.
         torch.hub.download_url_to_file(url, str(dst), hash_prefix=hash_prefix, progress=True)
     except (urllib.error.URLError, OSError, RuntimeError) as exc:
         reason = "its checksum did not match" if "hash" in str(exc).lower() else "no network?"
-        raise CachevizError(f"Could not download {what} ({reason}); {fix}.") from None
+        raise CachevizError(f"could not download {what} ({reason})", *fixes) from None
 
 
 def _load_cifar_resnet(depth: int, data_dir: Path, checkpoint: Path | None, progress) -> ModelSpec:
@@ -446,8 +440,8 @@ def _load_cifar_resnet(depth: int, data_dir: Path, checkpoint: Path | None, prog
             checkpoint = ckpt_dir / f"{name}.th"
             if not checkpoint.exists():
                 raise CachevizError(
-                    f"There are no published weights for {name}; put {checkpoint.name} into {ckpt_dir}/ "
-                    f"or pass --checkpoint PATH."
+                    f"there are no published weights for {name}", f"put {checkpoint.name} into {ckpt_dir}/",
+                    "pass {checkpoint}", param="model", value=name,
                 )
         else:
             checkpoint = ckpt_dir / file
@@ -460,7 +454,8 @@ def _load_cifar_resnet(depth: int, data_dir: Path, checkpoint: Path | None, prog
                     checkpoint,
                     prefix,
                     f"{name} weights",
-                    f"put {file} into {ckpt_dir}/ or pass --checkpoint PATH",
+                    f"put {file} into {ckpt_dir}/",
+                    "pass {checkpoint}",
                 )
                 if progress is not None:
                     progress(1, 1, f"downloading {name} weights")
@@ -476,7 +471,7 @@ def _load_cifar_resnet(depth: int, data_dir: Path, checkpoint: Path | None, prog
         classes=list(CIFAR10_CLASSES),
         layers=layers,
         default_layers=defaults,
-        weights_id=_file_id(checkpoint),
+        weights_id=store.file_sha256(checkpoint),
     )
 
 
@@ -490,8 +485,9 @@ def _torchvision_weights(name: str):
     known = torchvision.models.list_models(module=torchvision.models)
     if name not in known:
         raise CachevizError(
-            f"Unknown torchvision classification model '{name}'; pick one of "
-            f"torchvision.models.list_models(module=torchvision.models), e.g. torchvision:resnet18."
+            "no such torchvision classification model",
+            "pick one of torchvision.models.list_models(module=torchvision.models), e.g. torchvision:resnet18",
+            param="model", value=TORCHVISION_PREFIX + name,
         )
     return torchvision.models.get_model_weights(name).DEFAULT
 
@@ -549,7 +545,7 @@ def _torchvision_spec(
         net = torchvision.models.get_model(name, weights=None, num_classes=len(weights.meta["categories"]))
         if checkpoint is not None:
             _load_weights(net, checkpoint, full)
-            weights_id = _file_id(checkpoint)
+            weights_id = store.file_sha256(checkpoint)
         else:
             weights_id = _state_dict_id(net)
     else:
@@ -561,8 +557,8 @@ def _torchvision_spec(
             net = torchvision.models.get_model(name, weights=weights)
         except (urllib.error.URLError, OSError) as exc:
             raise CachevizError(
-                f"Could not download the weights of {full} (no network?: {type(exc).__name__}); "
-                f"put {file} into {hub_dir / 'checkpoints'}/ or pass --checkpoint PATH."
+                f"could not download the weights of {full} (no network?: {type(exc).__name__})",
+                f"put {file} into {hub_dir / 'checkpoints'}/", "pass {checkpoint}",
             ) from None
         except RuntimeError as exc:
             if "hash" not in str(exc).lower():
@@ -573,8 +569,7 @@ def _torchvision_spec(
             ) from None
         finally:
             torch.hub.set_dir(previous)
-        # The file name carries the start of its SHA-256 (torch.hub convention), so it is an id.
-        weights_id = store.config_hash({"torchvision": name, "weights": file})
+        weights_id = store.file_sha256(hub_dir / "checkpoints" / file)
     net = net.eval()
     tf = weights.transforms()
     crop = tuple(tf.crop_size) if len(tf.crop_size) == 2 else (tf.crop_size[0], tf.crop_size[0])
@@ -613,6 +608,43 @@ def available_models() -> list[str]:
     return [f"resnet{d}" for d in sorted(RESNET_FILES)] + ["digits-cnn"]
 
 
+def weights_path(name: str, data_dir: str | Path, checkpoint: str | Path | None = None) -> Path:
+    """The file `load_model` reads model `name`'s weights from, found without loading anything.
+
+    It may not exist yet (published weights not downloaded, digits-cnn not trained). Raises
+    `CachevizError` for an unknown model, as `load_model` would.
+    """
+    if checkpoint is not None:
+        return Path(checkpoint).expanduser()
+    key = str(name).strip()
+    data_dir = Path(data_dir).expanduser()
+    if key.lower().startswith(TORCHVISION_PREFIX):
+        file = _torchvision_weights(key[len(TORCHVISION_PREFIX) :]).url.rsplit("/", 1)[-1]
+        return data_dir / "checkpoints" / "torch-hub" / "checkpoints" / file
+    key = key.lower()
+    if key == "digits-cnn":
+        return data_dir / "checkpoints" / DIGITS_FILE
+    m = re.fullmatch(r"resnet(\d+)", key)
+    if m:
+        depth = int(m.group(1))
+        _blocks_per_stage(depth)
+        return data_dir / "checkpoints" / RESNET_FILES.get(depth, f"resnet{depth}.th")
+    raise _unknown_model(name)
+
+
+def weights_fingerprint(name: str, data_dir: str | Path, checkpoint: str | Path | None = None) -> str | None:
+    """SHA-256 of the weights `load_model` would load, or None while that file does not exist."""
+    path = weights_path(name, data_dir, checkpoint)
+    return store.file_sha256(path) if path.is_file() else None
+
+
+def _unknown_model(name: str) -> CachevizError:
+    return CachevizError(
+        "no such model", f"choose one of {', '.join(available_models())}, resnet<6n+2> or torchvision:<name>",
+        param="model", value=name,
+    )
+
+
 def load_model(
     name: str,
     data_dir: str | Path,
@@ -636,7 +668,4 @@ def load_model(
     m = re.fullmatch(r"resnet(\d+)", key)
     if m:
         return _load_cifar_resnet(int(m.group(1)), data_dir, ckpt, progress)
-    raise CachevizError(
-        f"Unknown model '{name}'; choose one of {', '.join(available_models())}, "
-        f"resnet<6n+2> or torchvision:<name>."
-    )
+    raise _unknown_model(name)

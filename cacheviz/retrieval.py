@@ -13,19 +13,15 @@ so moving the theta and lam sliders costs one softmax over K numbers.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 
-from . import store
 from .cache import CacheMemory, SimilarityBlock, combine
-from .config import Setup
 from .errors import CachevizError
 from .features import extract, make_keys, resolve_layers
-
-ProgressFn = Callable[[int, int, str], None]
+from .progress import ProgressFn
 
 
 @dataclass
@@ -168,7 +164,7 @@ def make_query(ws, index: CacheIndex, image: np.ndarray | torch.Tensor) -> Query
 def shares(sims: torch.Tensor, theta: float) -> torch.Tensor:
     """sigma = softmax(theta * sims) along the last axis: each stored item's share of the mass."""
     if theta <= 0:
-        raise CachevizError(f"theta must be positive; got {theta}.")
+        raise CachevizError("must be positive", param="theta", value=theta)
     return torch.softmax(theta * sims.to(torch.float64), dim=-1).to(torch.float32)
 
 
@@ -183,7 +179,7 @@ def p_mem_from_similarities(sims: torch.Tensor, values: torch.Tensor, theta: flo
 def explain(index: CacheIndex, query: Query, theta: float, lam: float, k: int = 12) -> Explanation:
     """p_net, p_mem, p and the top-k neighbours with their shares, at (theta, lam)."""
     if not 0.0 <= lam <= 1.0:
-        raise CachevizError(f"lam must be between 0 and 1; got {lam}.")
+        raise CachevizError("must lie between 0 and 1", param="lam", value=lam)
     sims = query.sims
     p_mem = p_mem_from_similarities(sims, index.memory.values, theta).cpu()
     p_net = torch.as_tensor(query.p_net, dtype=torch.float32)
@@ -241,43 +237,3 @@ def background_differs(ds, image: np.ndarray) -> bool:
     train = ds.train_x[:512].to(torch.float32)
     train_border = torch.cat([train[:, 0].flatten(), train[:, -1].flatten(), train[:, :, 0].flatten(), train[:, :, -1].flatten()])
     return (float(border.mean()) > 127.5) != (float(train_border.mean()) > 127.5)
-
-
-# ---------------------------------------------------------------------------------------------
-# Test items to pick from
-
-
-@dataclass
-class TestPicks:
-    """Test items of an evaluated setup, by what the network and the cache made of them."""
-
-    test_idx: np.ndarray  # (n,) indices into the dataset's test images
-    y: np.ndarray
-    pred_net: np.ndarray
-    pred_cache: np.ndarray
-
-    def fixed(self) -> np.ndarray:
-        """Wrong for the network, right with the cache."""
-        return self.test_idx[(self.pred_net != self.y) & (self.pred_cache == self.y)]
-
-    def broken(self) -> np.ndarray:
-        """Right for the network, wrong with the cache."""
-        return self.test_idx[(self.pred_net == self.y) & (self.pred_cache != self.y)]
-
-    def of_class(self, c: int) -> np.ndarray:
-        return self.test_idx[self.y == c]
-
-
-def load_picks(setup: Setup, data_dir: str | Path) -> TestPicks:
-    """The per-item test predictions `evaluate` stored for `setup`."""
-    from .experiment import result_path
-
-    path = result_path(setup, data_dir).with_suffix(".safetensors")
-    hit = store.load_tensors(path)
-    if hit is None:
-        raise CachevizError("This setup has no stored test predictions yet; build its cache first.")
-    t = hit[0]
-    return TestPicks(
-        test_idx=t["test_idx"].numpy(), y=t["y"].numpy(),
-        pred_net=t["pred_net"].numpy(), pred_cache=t["pred_cache"].numpy(),
-    )

@@ -1,13 +1,15 @@
 """Persistence under the data directory: tensors as safetensors, results as JSON.
 
 Everything is keyed by a hash of the configuration that determines it, written atomically
-(temp file in the same folder, fsync, rename) and checked on read, so a crash mid-write or a
-damaged file costs a rebuild, never a wrong answer.
+(temp file in the same folder, fsync, rename) and checked on read: tensor files carry a CRC32
+of their contents, result files a SHA-256 of their key and result. A crash mid-write or a
+damaged file (truncated, ill-typed, edited) costs a rebuild with a warning, never a wrong answer.
 """
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import threading
 import json
 import os
 import tempfile
@@ -24,6 +26,11 @@ from . import __version__
 
 # Bump when a change to the engine alters what a stored artefact means.
 FORMAT_VERSION = 1
+
+
+def canonical_json(obj: Any) -> Any:
+    """`obj` as it reads back from JSON (tuples become lists, keys strings), for comparisons."""
+    return json.loads(json.dumps(obj, sort_keys=True, default=str))
 
 
 def config_hash(config: dict[str, Any]) -> str:
@@ -115,6 +122,66 @@ def load_tensors(
         warnings.warn(f"{path.name} is unusable ({exc}); it will be rebuilt.", stacklevel=2)
         return None
     return tensors, meta
+
+
+def _json_sha256(obj: Any) -> str:
+    blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode()
+    return hashlib.sha256(blob).hexdigest()
+
+
+def save_result(path: str | os.PathLike, key: dict[str, Any], result: Any, **extra: Any) -> None:
+    """Write a study's `result` under `key` with a SHA-256 over both (and `extra` fields beside)."""
+    body = canonical_json({"key": key, "result": result})
+    atomic_write_json(path, {**canonical_json(extra), **body, "sha256": _json_sha256(body)})
+
+
+def load_result(
+    path: str | os.PathLike, key: dict[str, Any], valid: Callable[[Any], bool] = lambda r: True
+) -> Any | None:
+    """The result stored at `path` for `key`; None if there is none, and None with a warning if
+    the file is damaged (unreadable, checksum mismatch, another key, or `valid(result)` false)."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        doc = json.loads(path.read_text())
+        if not isinstance(doc, dict) or not {"key", "result", "sha256"} <= set(doc):
+            raise ValueError("not a result file")
+        if _json_sha256({"key": doc["key"], "result": doc["result"]}) != doc["sha256"]:
+            raise ValueError("checksum mismatch")
+        if doc["key"] != canonical_json(key):
+            raise ValueError("stored for another configuration")
+        if not valid(doc["result"]):
+            raise ValueError("unexpected content")
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        warnings.warn(f"{path.name} is unusable ({exc}); it will be recomputed.", stacklevel=2)
+        return None
+    return doc["result"]
+
+
+_SHA_MEMO: dict[tuple, str] = {}
+_SHA_LOCK = threading.Lock()
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 (hex) of a file's bytes; remembered while its size, times and inode stay the same."""
+    path = Path(path)
+    st = path.stat()
+    sig = (str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+    with _SHA_LOCK:
+        hit = _SHA_MEMO.get(sig)
+    if hit is not None:
+        return hit
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    digest = h.hexdigest()
+    with _SHA_LOCK:
+        if len(_SHA_MEMO) > 256:
+            _SHA_MEMO.clear()
+        _SHA_MEMO[sig] = digest
+    return digest
 
 
 def load_json(path: str | os.PathLike) -> Any | None:

@@ -6,14 +6,14 @@ block, p_mem once per theta from them, and every lam is a cheap mix of two (n, C
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 
 from .cache import CacheMemory, combine
 from .errors import CachevizError
+from .progress import ProgressFn
 
-ProgressFn = Callable[[int, int, str], None]
 
 THETA_RANGE = (10.0, 90.0)
 LAM_RANGE = (0.1, 0.9)
@@ -22,7 +22,8 @@ LAM_RANGE = (0.1, 0.9)
 def default_grid(n_theta: int = 9, n_lam: int = 9) -> tuple[list[float], list[float]]:
     """The paper's ranges, theta in [10, 90] and lam in [0.1, 0.9], at the given resolution."""
     if n_theta < 1 or n_lam < 1:
-        raise CachevizError("The grid needs at least one theta and one lam value; use --grid 9x9 or finer.")
+        raise CachevizError("the theta x lam grid needs at least one value of each", "use e.g. 9x9",
+                            param="grid", value=f"{n_theta}x{n_lam}")
     thetas = torch.linspace(*THETA_RANGE, n_theta).tolist() if n_theta > 1 else [sum(THETA_RANGE) / 2]
     lams = torch.linspace(*LAM_RANGE, n_lam).tolist() if n_lam > 1 else [sum(LAM_RANGE) / 2]
     return [round(t, 6) for t in thetas], [round(l, 6) for l in lams]
@@ -84,7 +85,7 @@ def grid_search(
                 for l, lam in enumerate(lams):
                     correct[t, l] += int((combine(pn, pm, lam).argmax(1) == y).sum())
             if progress:
-                progress(sl.stop, len(q), "grid search")
+                progress(sl.stop, len(q), "")
     n = max(len(q), 1)
     baseline = float((p_net.argmax(1) == labels.to(p_net.device)).float().mean())
     return GridResult(list(thetas), list(lams), correct.float() / n, correct_co.float() / n, baseline)
@@ -96,13 +97,20 @@ def predict(
     p_net: torch.Tensor,
     thetas_lams: Sequence[tuple[float, float]],
     chunk_size: int | None = None,
-) -> list[torch.Tensor]:
-    """p for each (theta, lam) in one pass over the similarities: a list of (N, C) on CPU."""
+    knn_k: int = 0,
+    progress: ProgressFn | None = None,
+) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    """p for each (theta, lam), and with `knn_k` > 0 the k-NN vote's labels, in ONE pass over
+    the similarities: ([(N, C) on CPU per pair], (N,) labels on CPU or None)."""
     if len(q) != len(p_net) or q.shape[1] != memory.dim:
-        raise CachevizError("Queries and p_net must have the same length and the cache's key dimension.")
+        raise CachevizError("queries and p_net must have the same length and the cache's key dimension")
     outs = [torch.empty(len(q), memory.n_classes) for _ in thetas_lams]
+    knn = torch.empty(len(q), dtype=torch.long) if knn_k > 0 else None
+    k = min(int(knn_k), len(memory))
     with torch.no_grad():
         for sl, sims in memory.iter_similarities(q, chunk_size):
+            if knn is not None:
+                knn[sl] = memory.values[sims.topk(k, dim=1).indices].sum(1).argmax(1).cpu()
             block = memory.block(sims)
             pn = p_net[sl].to(memory.device, torch.float32)
             p_mem_by_theta: dict[float, torch.Tensor] = {}
@@ -110,7 +118,9 @@ def predict(
                 if theta not in p_mem_by_theta:
                     p_mem_by_theta[theta] = block.p_mem(theta)
                 out[sl] = combine(pn, p_mem_by_theta[theta], lam).cpu()
-    return outs
+            if progress:
+                progress(sl.stop, len(q), "")
+    return outs, knn
 
 
 def accuracy(p: torch.Tensor, labels: torch.Tensor) -> float:

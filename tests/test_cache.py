@@ -106,11 +106,28 @@ def test_theta_sweep_equals_one_theta_at_a_time(thetas):
         assert torch.allclose(pm.double(), _reference_p_mem(mem, q, theta), atol=1e-5)
 
 
-def test_knn_vote_shares():
+def test_knn_vote_predicts_the_majority_label_of_the_nearest_items():
+    from collections import Counter
+
     mem, q = _memory()
-    votes = mem.knn_predict(q, k=5)
+    k = 5
+    votes = mem.knn_predict(q, k=k)
     assert torch.allclose(votes.sum(1), torch.ones(len(q)))
-    assert ((votes * 5).round() == votes * 5).all()
+    assert ((votes * k).round() == votes * k).all()
+    # the reference: brute-force nearest stored items, majority label, ties to the smallest label
+    sims = q.double() @ mem.keys.double().T
+    nearest = sims.topk(k, dim=1).indices
+    expect = []
+    for row in mem.labels[nearest].tolist():
+        counts = Counter(row)
+        top = max(counts.values())
+        expect.append(min(c for c, n in counts.items() if n == top))
+    expect = torch.tensor(expect)
+    assert torch.equal(votes.argmax(1), expect)
+    # the test pass of every study (predict) votes the same way, in its one pass
+    _, knn = predict(mem, q, torch.full((len(q), mem.n_classes), 1.0 / mem.n_classes), [(20.0, 0.5)],
+                     chunk_size=7, knn_k=k)
+    assert torch.equal(knn, expect)
 
 
 def test_grid_search_equals_brute_force():
@@ -130,7 +147,8 @@ def test_grid_search_equals_brute_force():
     assert res.theta in thetas and res.lam in lams
     assert res.baseline_acc == pytest.approx(float((p_net.argmax(1) == labels).float().mean()))
     # predict() gives the same p as the definition
-    (p,) = predict(mem, q, p_net, [(res.theta, res.lam)], chunk_size=11)
+    (p,), knn = predict(mem, q, p_net, [(res.theta, res.lam)], chunk_size=11)
+    assert knn is None
     assert torch.allclose(p, combine(p_net, _reference_p_mem(mem, q, res.theta).float(), res.lam), atol=1e-5)
 
 

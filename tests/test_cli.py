@@ -31,7 +31,13 @@ def test_evaluate_digits_end_to_end(data_dir, capsys, tmp_path):
     r = json.loads(out_json.read_text())
     assert REQUIRED <= set(r)
     assert r["baseline_acc"] >= 0.95
-    assert 10 <= r["theta"] <= 90 and 0.1 <= r["lam"] <= 0.9 and 10 <= r["theta_cache_only"] <= 90
+    # theta, lam are the grid's best cell (first on ties), cache-only's theta the best of its column
+    acc, thetas, lams = r["grid"]["acc"], r["grid"]["thetas"], r["grid"]["lams"]
+    best = max(v for row in acc for v in row)
+    t, l = next((t, l) for t in range(len(thetas)) for l in range(len(lams)) if acc[t][l] == best)
+    assert (r["theta"], r["lam"], r["cache_acc_val"]) == (thetas[t], lams[l], best)
+    co = r["grid"]["acc_cache_only"]
+    assert r["theta_cache_only"] == thetas[co.index(max(co))] and r["cache_only_acc_val"] == max(co)
     assert r["n_cache"] == 1348 and r["n_val"] + r["n_test"] == 449 and r["layers"] == ["relu3"]
     assert r["key_dim"] == 128
     # the tuned cache model is at least as good as the network on the data it was tuned on
@@ -58,6 +64,7 @@ def test_evaluate_options_change_the_experiment(data_dir, capsys):
     assert r["n_cache_val"] == 800  # the 100 validation items are not in the tuning cache
     assert r["n_val"] == 100 and r["n_test"] == 449 and r["val_part"] == "train"
     assert r["theta"] in (10, 50, 90) and r["lam"] in (0.1, 0.9)
+    assert len(r["grid"]["acc"]) == 3 and len(r["grid"]["acc"][0]) == 2
 
 
 def test_layers_command(data_dir, capsys):
@@ -85,13 +92,16 @@ def _resnet_ckpt(data_dir):
     [
         (["evaluate", "--model", "resnet7"], "6n+2"),
         (["evaluate", "--model", "vgg99"], "torchvision:<name>"),
-        (["evaluate", "--layers", "relu9"], "python -m cacheviz layers --model digits-cnn"),
+        (["evaluate", "--layers", "relu9"], "--layers relu9: digits-cnn has no layer 'relu9' (closest: relu3, relu2, relu1); choose from input, relu1"),
         (["evaluate", "--dataset", "imagenet-mini"], "folder:"),
         (["evaluate", "--dataset", "folder:/no/such/folder", "--model", "digits-cnn"], "train"),
-        (["evaluate", "--train-limit", "3"], "train-limit"),
-        (["evaluate", "--val-from-train", "5000"], "val-from-train"),
+        (["evaluate", "--train-limit", "3"], "--train-limit 3: too small"),
+        (["evaluate", "--val-from-train", "5000"], "--val-from-train 5000: leaves no training items"),
         (["evaluate", "--dataset", "cifar10", "--model", "digits-cnn"], None),
-        (["evaluate", "--device", "tpu"], "cpu"),
+        (["evaluate", "--device", "tpu"], "--device tpu"),
+        (["evaluate", "--model", ""], "--model : an empty model name"),
+        (["evaluate", "--grid", "1000x1000"], "--grid 1000x1000"),
+        (["evaluate", "--json", "/no/such/folder/r.json"], "--json /no/such/folder/r.json: the folder"),
         (["layers", "--model", "torchvision:not_a_net"], "list_models"),
     ],
 )

@@ -96,9 +96,12 @@ def test_projected_extraction(resnet20_random):
 
 
 def test_unknown_layer_names_the_fix(resnet20_random):
-    with pytest.raises(CachevizError, match="python -m cacheviz layers --model resnet20"):
+    with pytest.raises(CachevizError) as err:
         resolve_layers(resnet20_random, ["layer3.0.relu"])
-    with pytest.raises(CachevizError, match="Did you mean"):
+    assert err.value.param == "layers" and err.value.value == ["layer3.0.relu"]
+    assert str(err.value).startswith("layers=['layer3.0.relu']: resnet20 has no layer 'layer3.0.relu'")
+    assert "choose from input, relu, layer1.0.relu1" in str(err.value)
+    with pytest.raises(CachevizError, match="closest: layer3.0.relu1"):
         resolve_layers(resnet20_random, "layer3.0.rel1")
     assert resolve_layers(resnet20_random, None) == ["layer3.0.relu1", "layer3.1.relu1", "layer3.2.relu1"]
     assert resolve_layers(resnet20_random, "layer3.0, layer3.1") == ["layer3.0", "layer3.1"]

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from cacheviz import models
+from cacheviz.__main__ import FLAGS
 from cacheviz.errors import CachevizError
 from cacheviz.models import ModelSpec, available_models, build_cifar_resnet, load_model
 
@@ -58,7 +59,8 @@ def test_published_format_checkpoint_reproduces_outputs(tmp_path):
     with torch.no_grad():
         assert torch.allclose(spec.net(x), net(x), atol=1e-5)
     assert not spec.net.training
-    assert spec.weights_id == hashlib.sha256(ckpt.read_bytes()).hexdigest()[:16]
+    assert spec.weights_id == hashlib.sha256(ckpt.read_bytes()).hexdigest()
+    assert models.weights_fingerprint("resnet20", tmp_path / "data", ckpt) == spec.weights_id
     assert spec.classes[:3] == ["airplane", "automobile", "bird"] and len(spec.classes) == 10
     assert (spec.input_size, spec.in_channels) == ((32, 32), 3)
 
@@ -186,7 +188,8 @@ def test_no_network_download_names_the_file(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.hub, "download_url_to_file", _no_network)
     with pytest.raises(CachevizError, match="resnet20-12fca82f.th") as err:
         load_model("resnet20", tmp_path)
-    assert "--checkpoint" in str(err.value) and str(tmp_path / "checkpoints") in str(err.value)
+    assert "pass checkpoint" in str(err.value) and str(tmp_path / "checkpoints") in str(err.value)
+    assert "or pass --checkpoint PATH." in err.value.render(FLAGS)
     assert not list((tmp_path / "checkpoints").glob("*.th"))
 
 
@@ -208,7 +211,7 @@ def test_download_asks_for_the_published_file(tmp_path, monkeypatch):
 
 
 def test_unpublished_depth_needs_a_checkpoint(tmp_path):
-    with pytest.raises(CachevizError, match="--checkpoint"):
+    with pytest.raises(CachevizError, match="pass checkpoint"):
         load_model("resnet14", tmp_path)
     ckpt = _published_format(_random_resnet(14), tmp_path / "r14.th")
     assert load_model("resnet14", tmp_path, checkpoint=ckpt).name == "resnet14"

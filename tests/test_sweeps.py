@@ -1,17 +1,25 @@
-"""Figure 2, Figure 3 and Table 1 sweeps, end to end on digits."""
+"""Figure 2, Figure 3 and Table 1 as studies, end to end on digits."""
+import itertools
+
 import pytest
 
 from cacheviz.config import Setup
 from cacheviz.errors import CachevizError
-from cacheviz.sweeps import MIDDLE_LAM, MIDDLE_THETA, sweep_layers, sweep_size, table1
+from cacheviz.experiment import Evaluate
+from cacheviz.study import StudyGroup, score_keys
+from cacheviz.sweeps import MIDDLE_LAM, MIDDLE_THETA, LayerSweep, SizeSweep, Table1, table1_group
+from cacheviz.tuning import default_grid
+from cacheviz.workspace import ExperimentData, prepare
 
-LAYER_KEYS = {"model", "dataset", "layer", "depth", "dim", "acc", "baseline_acc", "theta", "lam", "cache_only_acc"}
-SIZE_KEYS = {"fraction", "seed", "baseline_acc", "cache_acc", "cache_only_acc", "theta", "lam", "n_cache", "gain"}
-TABLE_KEYS = {"model", "dataset", "variant", "error", "theta", "lam", "layers"}
+LAYER_KEYS = {"model", "dataset", "layer", "depth", "dim", "acc", "baseline_acc", "theta", "lam", "cache_only_acc",
+              "device"}
+SIZE_KEYS = {"fraction", "seed", "baseline_acc", "cache_acc", "cache_only_acc", "theta", "lam", "n_cache", "gain",
+             "subset"}
+TABLE_KEYS = {"model", "dataset", "variant", "error", "val_acc", "theta", "lam", "layers"}
 
 
 def test_layer_sweep_covers_input_to_logits(data_dir):
-    rows = sweep_layers(Setup(), data_dir)
+    rows = LayerSweep(Setup()).run(data_dir)
     assert [r["layer"] for r in rows] == ["input", "relu1", "relu2", "pool", "relu3", "logits"]
     assert rows[0]["depth"] == 0 and rows[-1]["depth"] == 1
     for r in rows:
@@ -22,17 +30,23 @@ def test_layer_sweep_covers_input_to_logits(data_dir):
     assert {r["layer"]: r["dim"] for r in rows}["relu2"] == 4096
 
 
-def test_layer_sweep_projection_and_retune(data_dir):
-    rows = sweep_layers(Setup(project_dim=256), data_dir, layers=["relu2", "relu3"], retune=True)
+def test_layer_sweep_retuned_rows_agree_with_evaluate(data_dir):
+    """Re-tuned per layer, a row is what `evaluate` gives with that layer alone as keys."""
+    setup = Setup(project_dim=256)
+    rows = LayerSweep(setup, layers=("relu2", "relu3"), retune=True).run(data_dir)
     dims = {r["layer"]: (r["dim"], r["full_dim"]) for r in rows}
     assert dims == {"relu2": (256, 4096), "relu3": (128, 128)}
-    assert all(r["retuned"] and 10 <= r["theta"] <= 90 for r in rows)
-    with pytest.raises(CachevizError, match="layers --model"):
-        sweep_layers(Setup(), data_dir, layers=["nope"])
+    for r in rows:
+        ev = Evaluate(setup.replace(layers=(r["layer"],))).run(data_dir)
+        assert r["retuned"] and (r["theta"], r["lam"], r["theta_cache_only"]) == (
+            ev["theta"], ev["lam"], ev["theta_cache_only"])
+        assert (r["acc"], r["cache_only_acc"]) == (ev["cache_acc"], ev["cache_only_acc"])
+    with pytest.raises(CachevizError, match="choose from"):
+        LayerSweep(Setup(), layers=("nope",)).run(data_dir)
 
 
 def test_size_sweep_rows(data_dir):
-    rows = sweep_size(Setup(), data_dir, fractions=[0, 0.1, 1.0], seeds=[0, 1])
+    rows = SizeSweep(Setup(), fractions=(0, 0.1, 1.0), seeds=(0, 1)).run(data_dir)
     assert [(r["fraction"], r["seed"]) for r in rows] == [(0, 0), (0, 1), (0.1, 0), (0.1, 1), (1.0, 0), (1.0, 1)]
     for r in rows:
         assert SIZE_KEYS <= set(r)
@@ -40,26 +54,47 @@ def test_size_sweep_rows(data_dir):
     assert base["n_cache"] == 0 and base["cache_acc"] == base["baseline_acc"] and base["theta"] is None
     assert [r["n_cache"] for r in rows[2:]] == [135, 135, 1348, 1348]
     # different seeds draw different caches at 10%, the same (whole) cache at 100%
-    assert rows[4]["cache_acc"] == rows[5]["cache_acc"]
-    with pytest.raises(CachevizError):
-        sweep_size(Setup(), data_dir, fractions=[1.5])
+    assert rows[2]["subset"] != rows[3]["subset"]
+    assert rows[4]["subset"] == rows[5]["subset"] and rows[4]["cache_acc"] == rows[5]["cache_acc"]
+    with pytest.raises(CachevizError, match="fractions"):
+        SizeSweep(Setup(), fractions=(1.5,))
 
 
-def test_table1_rows(data_dir):
-    rows = table1([Setup()], data_dir, combine_top=3)
+def test_table1_cache3_is_the_best_combination_on_validation(data_dir):
+    setup = Setup()
+    rows = Table1(setup, combine_top=3).run(data_dir)
     assert [r["variant"] for r in rows] == ["baseline", "cache", "cache-only", "cache3"]
     for r in rows:
         assert TABLE_KEYS <= set(r) and 0 <= r["error"] <= 1
-    assert rows[1]["layers"] == ["relu3"] and 1 <= len(rows[3]["layers"]) <= 3
-    assert rows[2]["lam"] == 1.0
+    assert rows[1]["layers"] == ["relu3"] and rows[2]["lam"] == 1.0
+    cache3 = rows[3]
+    # every candidate alone, then the combinations of up to 3 of the best 3, scored here again
+    ws = prepare(setup, data_dir, "cpu")
+    data = ExperimentData(ws, cache3["candidates"])
+    thetas, lams = default_grid()
+    val = {(n,): score_keys(data, [n], thetas, lams).val_acc for n in cache3["candidates"]}
+    top = sorted(val, key=lambda k: -val[k])[:3]
+    for size in (2, 3):
+        for combo in itertools.combinations([t[0] for t in top], size):
+            val[combo] = score_keys(data, list(combo), thetas, lams).val_acc
+    assert cache3["n_combinations"] == len(val)
+    assert cache3["val_acc"] == pytest.approx(max(val.values()), abs=1e-6)
+    assert val[tuple(cache3["layers"])] == pytest.approx(max(val.values()), abs=1e-6)
+
+
+def test_table1_group_stores_each_model_on_its_own(data_dir):
+    group = table1_group([Setup()])
+    assert isinstance(group, StudyGroup) and group.stages == Table1.stages
+    assert group.lookup(data_dir) == Table1(Setup()).run(data_dir)
 
 
 def test_sweeps_persist(data_dir, monkeypatch):
-    sweep_layers(Setup(), data_dir, layers=["relu3"])
-    import cacheviz.sweeps as sw
+    study = LayerSweep(Setup(), layers=("relu3",))
+    rows = study.run(data_dir)
+    import cacheviz.study as st
 
-    monkeypatch.setattr(sw, "prepare", lambda *a, **k: pytest.fail("recomputed a stored sweep"))
-    assert sweep_layers(Setup(), data_dir, layers=["relu3"])[0]["layer"] == "relu3"
+    monkeypatch.setattr(st, "prepare", lambda *a, **k: pytest.fail("recomputed a stored sweep"))
+    assert study.lookup(data_dir) == rows == study.run(data_dir)
 
 
 def test_sweep_commands_write_json_and_csv(data_dir, tmp_path, capsys):
@@ -76,4 +111,4 @@ def test_sweep_commands_write_json_and_csv(data_dir, tmp_path, capsys):
     assert main(["table1", "--data-dir", str(data_dir), "--out", str(tmp_path / "t.csv")]) == 0
     assert [r["variant"] for r in csv.DictReader(open(tmp_path / "t.csv"))] == ["baseline", "cache", "cache-only", "cache3"]
     assert main(["sweep-size", "--data-dir", str(data_dir), "--fractions", "half"]) == 2
-    assert "comma-separated numbers" in capsys.readouterr().err
+    assert "--fractions half: give comma-separated numbers" in capsys.readouterr().err

@@ -1,0 +1,291 @@
+"""The contract every experiment follows, and the kernel they share.
+
+A study is one object: `key(data_dir)` (everything that determines its result: its options,
+the fingerprint of each dataset and the SHA-256 of each model's weights, the result format),
+`stages` (names from `progress.Stage`), `lookup(data_dir)` (the stored result or None; reads
+file listings and hashes weights but loads no data or model and computes nothing) and
+`run(data_dir, device, progress)`. The CLI and the app are thin adapters over it.
+
+`score_keys` is the kernel every study uses to score one key set: tune theta and lam on the
+validation part (or take them as given), build the test-time cache, predict, count the test
+items the cache fixed and broke, and the k-NN vote.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Sequence
+
+import torch
+
+from . import __version__, store
+from .config import Setup
+from .data import dataset_fingerprint
+from .models import weights_fingerprint
+from .progress import Prefixed, ProgressFn, Reporter, Silent, Stage, prefixed, reporter
+from .tuning import GridResult, accuracy, grid_search, predict
+from .workspace import ExperimentData, Workspace, prepare, resolve_device
+
+# Bump when a change to the engine alters what a stored result means or holds.
+RESULT_FORMAT = 2
+KNN_K = 10
+
+
+# ---------------------------------------------------------------------------------------------
+# The kernel
+
+
+@dataclass
+class KeyScore:
+    """One key set scored on the test part: tuned (or given) theta, lam and the predictions."""
+
+    layers: list[str]
+    key_dim: int
+    n_cache: int
+    n_cache_val: int | None  # None when theta, lam were given rather than tuned
+    theta: float
+    lam: float
+    theta_cache_only: float
+    grid: GridResult | None
+    p_net: torch.Tensor  # (N, C) test items, CPU
+    p: torch.Tensor  # (N, C) the cache model's p
+    p_cache_only: torch.Tensor  # (N, C) p_mem at theta_cache_only
+    knn_pred: torch.Tensor | None  # (N,) k-NN vote labels
+    y: torch.Tensor  # (N,) true labels
+
+    @property
+    def acc(self) -> float:
+        return accuracy(self.p, self.y)
+
+    @property
+    def cache_only_acc(self) -> float:
+        return accuracy(self.p_cache_only, self.y)
+
+    @property
+    def baseline_acc(self) -> float:
+        return accuracy(self.p_net, self.y)
+
+    @property
+    def knn_acc(self) -> float | None:
+        return None if self.knn_pred is None else float((self.knn_pred == self.y).float().mean())
+
+    @property
+    def val_acc(self) -> float | None:
+        return None if self.grid is None else self.grid.best_acc
+
+    @property
+    def n_fixed(self) -> int:
+        net, cache = self.p_net.argmax(1), self.p.argmax(1)
+        return int(((net != self.y) & (cache == self.y)).sum())
+
+    @property
+    def n_broken(self) -> int:
+        net, cache = self.p_net.argmax(1), self.p.argmax(1)
+        return int(((net == self.y) & (cache != self.y)).sum())
+
+
+def score_keys(
+    data: ExperimentData,
+    layers: list[str],
+    thetas: Sequence[float] = (),
+    lams: Sequence[float] = (),
+    given: tuple[float, float, float] | None = None,
+    subset: torch.Tensor | None = None,
+    knn_k: int = 0,
+    release: bool = False,
+    progress: Reporter | None = None,
+) -> KeyScore:
+    """Score the key set `layers` of `data`: tune on validation, then predict the test part.
+
+    `given` = (theta, lam, theta_cache_only) skips tuning. `subset`: positions in the training
+    universe the cache keeps (a smaller cache). `release` drops the training features once the
+    test-time cache is built (a study scoring one key set only). One cache is held at a time.
+    `progress`: announce the tuning and test stages there (a study scoring one key set).
+    """
+    rep = progress or Silent()
+    q_val, q_test = data.queries(layers)
+    mem, grid, n_cache_val = None, None, None
+    if given is None:
+        mem = data.memory(layers, "val", subset)
+        n_cache_val = len(mem)
+        rep.stage(Stage.TUNE)
+        grid = grid_search(mem, q_val, data.p_val, data.y_val, thetas, lams, progress=rep.step)
+        theta, lam, theta_co = grid.theta, grid.lam, grid.theta_cache_only
+        if data.from_train:  # the test-time cache also holds the validation items
+            mem = None
+    else:
+        theta, lam, theta_co = given
+    del q_val
+    if mem is None:
+        mem = data.memory(layers, "test", subset)
+    if release:
+        data.release()
+    rep.stage(Stage.TEST)
+    (p, p_co), knn = predict(mem, q_test, data.p_test, [(theta, lam), (theta_co, 1.0)], knn_k=knn_k,
+                             progress=rep.step)
+    return KeyScore(
+        layers=list(layers), key_dim=int(q_test.shape[1]), n_cache=len(mem), n_cache_val=n_cache_val,
+        theta=theta, lam=lam, theta_cache_only=theta_co, grid=grid, p_net=data.p_test.cpu(), p=p,
+        p_cache_only=p_co, knn_pred=knn, y=data.y_test,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# The contract
+
+
+@dataclass
+class Run:
+    """What `Study.compute` gets: where, on what device, how to report, and what it loaded."""
+
+    data_dir: Path
+    device: str
+    batch_size: int
+    progress: Reporter
+    inputs: dict = field(default_factory=dict)  # Setup -> fingerprints of what was loaded
+    tensors: dict[str, torch.Tensor] | None = None  # per-item results a study stores beside its JSON
+
+    def prepare(self, setup: Setup) -> Workspace:
+        self.progress.stage(Stage.LOAD)
+        ws = prepare(setup, self.data_dir, self.device, self.batch_size, progress=self.progress.step)
+        self.inputs[setup] = ws.fingerprints
+        return ws
+
+    @property
+    def device_name(self) -> str:
+        dev = resolve_device(self.device)
+        return torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
+
+
+class Study(ABC):
+    """One experiment: a key that cannot go stale, stages, lookup and run (see the module doc)."""
+
+    kind: ClassVar[str]
+    stages: ClassVar[tuple[str, ...]]
+
+    @property
+    @abstractmethod
+    def setups(self) -> tuple[Setup, ...]:
+        """The setups whose data and weights the result depends on."""
+
+    @abstractmethod
+    def options(self) -> dict:
+        """Everything else that determines the result (JSON-able)."""
+
+    @abstractmethod
+    def compute(self, run: Run) -> Any:
+        """The result (a dict or a list of rows, JSON-able); `run.prepare` loads each setup."""
+
+    def valid(self, result: Any) -> bool:
+        """Does a stored result have this study's shape? (Checksums catch edits; this, bad types.)"""
+        return isinstance(result, list) and all(isinstance(r, dict) for r in result)
+
+    @property
+    def title(self) -> str:
+        s = self.setups[0]
+        return f"{self.kind} {s.dataset}/{'+'.join(x.model for x in self.setups)}"
+
+    def ident(self) -> str:
+        """Names the request (setups as given, checkpoint paths included): one job per ident."""
+        return store.config_hash({"kind": self.kind, "options": self.options(),
+                                  "setups": [s.to_dict() for s in self.setups]})
+
+    def key(self, data_dir: str | Path, max_age: float = 0.0) -> dict | None:
+        """The result's key, or None while a model's weights are not on disk (download or
+        training happens in `run`). `max_age`: see `data.dataset_fingerprint`."""
+        inputs = []
+        for s in self.setups:
+            weights = weights_fingerprint(s.model, data_dir, s.checkpoint)
+            if weights is None:
+                return None
+            inputs.append({"dataset": dataset_fingerprint(s.dataset, data_dir, max_age), "weights": weights})
+        return self._key(inputs)
+
+    def _key(self, inputs: list[dict]) -> dict:
+        return store.canonical_json({"kind": self.kind, "format": RESULT_FORMAT, "options": self.options(),
+                                     "inputs": inputs})
+
+    def path(self, data_dir: str | Path, key: dict) -> Path:
+        return Path(data_dir) / "results" / f"{self.kind}-{store.config_hash(key)}.json"
+
+    def lookup(self, data_dir: str | Path, max_age: float = 0.0) -> Any | None:
+        """The stored result, or None; never loads data or a model, never computes."""
+        key = self.key(data_dir, max_age)
+        return None if key is None else self.load(data_dir, key)
+
+    def load(self, data_dir: str | Path, key: dict) -> Any | None:
+        return store.load_result(self.path(data_dir, key), key, self.valid)
+
+    def run(self, data_dir: str | Path, device: str = "auto", progress: Reporter | ProgressFn | None = None,
+            force: bool = False, batch_size: int = 256) -> Any:
+        """The stored result, or compute it and store it under the key of what was loaded."""
+        resolve_device(device)  # a bad device is an error even when the result is stored
+        data_dir = Path(data_dir)
+        if not force:
+            hit = self.lookup(data_dir)
+            if hit is not None:
+                return hit
+        run = Run(data_dir, device, batch_size, reporter(progress))
+        result = self.compute(run)
+        key = self._key([run.inputs[s] for s in self.setups])
+        path = self.path(data_dir, key)
+        if run.tensors is not None:  # first, so a result file always has its tensors beside it
+            store.save_tensors(path.with_suffix(".safetensors"), run.tensors, key)
+        store.save_result(path, key, result, code_version=__version__, device=run.device_name)
+        return store.canonical_json(result)
+
+
+class StudyGroup:
+    """Several studies as one job (one per model, say): rows concatenated, each part stored and
+    looked up on its own, so adding a model to a figure reuses the parts already stored."""
+
+    def __init__(self, parts: Sequence[tuple[str, Study]]):
+        if not parts:
+            raise ValueError("a study group needs at least one study")
+        self.parts = list(parts)
+        self.kind = parts[0][1].kind
+        labelled = len(parts) > 1
+        self.labels = [label if labelled else "" for label, _ in parts]
+        self.stages = tuple(prefixed(lb, s) for lb, (_, st) in zip(self.labels, parts) for s in st.stages)
+
+    @property
+    def title(self) -> str:
+        s = self.parts[0][1].setups[0]
+        return f"{self.kind} {s.dataset}/{'+'.join(st.setups[0].model for _, st in self.parts)}"
+
+    def ident(self) -> str:
+        return store.config_hash([st.ident() for _, st in self.parts])
+
+    def key(self, data_dir: str | Path, max_age: float = 0.0) -> list | None:
+        keys = [st.key(data_dir, max_age) for _, st in self.parts]
+        return None if any(k is None for k in keys) else keys
+
+    def lookup(self, data_dir: str | Path, max_age: float = 0.0) -> list | None:
+        rows = []
+        for _, st in self.parts:
+            part = st.lookup(data_dir, max_age)
+            if part is None:
+                return None
+            rows.extend(part)
+        return rows
+
+    def run(self, data_dir: str | Path, device: str = "auto", progress: Reporter | ProgressFn | None = None,
+            force: bool = False, batch_size: int = 256) -> list:
+        rep = reporter(progress)
+        rows = []
+        for label, (_, st) in zip(self.labels, self.parts):
+            rows.extend(st.run(data_dir, device, Prefixed(rep, label) if label else rep, force, batch_size))
+        return rows
+
+
+
+def rounded(obj, digits: int = 6):
+    """Accuracies are float32 means; six digits is all they hold."""
+    if isinstance(obj, float):
+        return round(obj, digits)
+    if isinstance(obj, dict):
+        return {k: rounded(v, digits) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [rounded(v, digits) for v in obj]
+    return obj
