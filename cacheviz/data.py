@@ -603,7 +603,7 @@ def _fetch_torchvision(
     cls = getattr(tvd, _TORCHVISION_CLASS[canonical])
     pretty = _PRETTY[canonical]
     fixes = (f"put an image-folder tree at {data_dir / canonical}/(train, test)/<class>/",
-             "use the offline digits for {dataset}")
+             "switch {dataset} to digits, which works offline")
     tensors: dict[str, torch.Tensor] = {}
     classes: list[str] = []
     for step, part in enumerate(("train", "test")):
@@ -614,7 +614,7 @@ def _fetch_torchvision(
             if not download:
                 raise CachevizError(f"{pretty} is not in {downloads} and downloading is off",
                                     "allow the download", *fixes) from exc
-            raise CachevizError(f"could not download {pretty} (no network?)", *fixes) from exc
+            raise CachevizError(f"Could not download {pretty} (no network?)", *fixes) from exc
         x = np.asarray(ds.data.numpy() if torch.is_tensor(ds.data) else ds.data, dtype=np.uint8)
         if x.ndim == 3:
             x = x[..., None]

@@ -63,8 +63,6 @@ class CachevizError(ValueError):
         if self.param is not None:
             subject = self._subject(name(self.param) or self.param.replace("_", " "), names, values)
             text = f"{subject}: {text}"
-        else:
-            text = text[:1].upper() + text[1:]
         return text if text.endswith((".", "?", "!")) else text + "."
 
     def _subject(self, label: str, names, values) -> str:

@@ -56,7 +56,7 @@ class Evaluate(Study):
         key = self.key(data_dir)
         hit = None if key is None else store.load_tensors(self.path(data_dir, key).with_suffix(".safetensors"), key)
         if hit is None:
-            raise CachevizError("this setup has no stored test predictions yet", "build its cache first")
+            raise CachevizError("This setup has no stored test predictions yet", "build its cache first")
         t = hit[0]
         return TestPicks(test_idx=t["test_idx"].numpy(), y=t["y"].numpy(),
                          pred_net=t["pred_net"].numpy(), pred_cache=t["pred_cache"].numpy())

@@ -273,6 +273,11 @@ def _digits_spec_shell(net: nn.Module, weights_id: str) -> ModelSpec:
     )
 
 
+def untrained_digits_spec() -> ModelSpec:
+    """digits-cnn's architecture with random weights: enough to list its layers before training."""
+    return _digits_spec_shell(DigitsCNN(), "untrained")
+
+
 def train_digits_cnn(data_dir, seed: int = 0, progress: ProgressFn | None = None) -> nn.Module:
     """Train digits-cnn on the digits training split, deterministically; returns it in eval mode.
 
@@ -427,7 +432,7 @@ def _download(url: str, dst: Path, hash_prefix: str | None, what: str, *fixes: s
         torch.hub.download_url_to_file(url, str(dst), hash_prefix=hash_prefix, progress=True)
     except (urllib.error.URLError, OSError, RuntimeError) as exc:
         reason = "its checksum did not match" if "hash" in str(exc).lower() else "no network?"
-        raise CachevizError(f"could not download {what} ({reason})", *fixes) from None
+        raise CachevizError(f"Could not download {what} ({reason})", *fixes) from None
 
 
 def _load_cifar_resnet(depth: int, data_dir: Path, checkpoint: Path | None, progress) -> ModelSpec:
@@ -557,7 +562,7 @@ def _torchvision_spec(
             net = torchvision.models.get_model(name, weights=weights)
         except (urllib.error.URLError, OSError) as exc:
             raise CachevizError(
-                f"could not download the weights of {full} (no network?: {type(exc).__name__})",
+                f"Could not download the weights of {full} (no network?: {type(exc).__name__})",
                 f"put {file} into {hub_dir / 'checkpoints'}/", "pass {checkpoint}",
             ) from None
         except RuntimeError as exc:

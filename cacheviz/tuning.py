@@ -103,7 +103,7 @@ def predict(
     """p for each (theta, lam), and with `knn_k` > 0 the k-NN vote's labels, in ONE pass over
     the similarities: ([(N, C) on CPU per pair], (N,) labels on CPU or None)."""
     if len(q) != len(p_net) or q.shape[1] != memory.dim:
-        raise CachevizError("queries and p_net must have the same length and the cache's key dimension")
+        raise CachevizError("Queries and p_net must have the same length and the cache's key dimension")
     outs = [torch.empty(len(q), memory.n_classes) for _ in thetas_lams]
     knn = torch.empty(len(q), dtype=torch.long) if knn_k > 0 else None
     k = min(int(knn_k), len(memory))

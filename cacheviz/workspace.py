@@ -239,7 +239,7 @@ class ExperimentData:
     def memory(self, layers: list[str], part: str, subset: torch.Tensor | None = None) -> CacheMemory:
         rows = self.cache_rows(part, subset)
         if len(rows) == 0:
-            raise CachevizError("that cache would be empty", "use a larger cache size")
+            raise CachevizError("That cache would be empty", "use a larger cache size")
         # keys built straight in class-grouped order, so CacheMemory needs no copy of its own
         rows = rows[torch.argsort(self.y_cache[rows], stable=True)]
         keys = make_keys(self.tf, layers, rows=rows)

@@ -65,7 +65,8 @@ with ui.guard("ls"):
                    icon=":material/memory:")
 
     sweep = ui.layer_sweep(choice, models, project_dim, retune)
-    rows = ui.sweep_panel(sweep, key="ls", label="Run sweep", refusal=refusal, note=ui.missing_data_note(choice))
+    rows = ui.study_panel(sweep, choice, key="ls", label="Run sweep", refusal=refusal, note=ui.missing_data_note(choice),
+                          lock_key=ui.sweep_lock(choice))
     if rows:
         fig = plots.fig_layer_sweep(rows)
         st.plotly_chart(fig, key="ls_fig")

@@ -83,14 +83,15 @@ with ui.guard("nb"):
     if result is None:
         st.stop()
     s, where, dev = choice.setup, str(choice.data_dir), choice.device
-    ws = ui.workspace(s, where, dev)
+    tag = ui.result_tag(result)
+    ws = ui.workspace(s, where, dev, tag)
     classes = ws.ds.classes
 
     # --- the query -----------------------------------------------------------------------------
     source = st.radio("Query image", SOURCES, horizontal=True, key="nb_source")
     named, truth = [], None
     if source == "Test image":
-        idx = pick_test_image(ws, ui.picks(s, where))
+        idx = pick_test_image(ws, ui.picks(s, where, tag))
         if idx is not None:
             named = [(f"test #{idx}", ws.ds.test_x[idx].numpy())]
             truth = int(ws.ds.test_y[idx])
@@ -146,10 +147,10 @@ with ui.guard("nb"):
     k = c3.select_slider("Neighbours shown", [4, 8, 12, 16, 24, 32], value=12, key="nb_k")
     c4.button("Tuned θ, λ", on_click=reset, key="nb_reset", help=f"θ = {result['theta']:g}, λ = {result['lam']:g}")
 
-    index = ui.load_index(choice, key="nb_main")
+    index = ui.load_index(choice, result, key="nb_main")
     if index is None:
         st.stop()
-    q = ui.query(s, where, dev, (), key, img)
+    q = ui.query(s, where, dev, tag, (), key, img)
     ex = retrieval.explain(index, q, theta, lam, k=k)
 
     left, right = st.columns([1, 2])
@@ -202,10 +203,10 @@ with ui.guard("nb"):
                     st.warning(f"{layer} keys need about {gb:.1f} GB of memory and take minutes to extract; "
                                f"pick a narrower layer, or prepare them anyway.")
                     continue
-                idx_l = ui.load_index(choice, (layer,), key=f"nb_cmp_{n}")
+                idx_l = ui.load_index(choice, result, (layer,), key=f"nb_cmp_{n}")
                 if idx_l is None:
                     continue
-                ex_l = retrieval.explain(idx_l, ui.query(s, where, dev, (layer,), key, img), theta, 1.0, k=8)
+                ex_l = retrieval.explain(idx_l, ui.query(s, where, dev, tag, (layer,), key, img), theta, 1.0, k=8)
                 st.markdown(f"**{layer}** · {idx_l.memory.dim:,}-d keys · cache vote **{classes[ex_l.pred_mem]}**"
                             + (f"{verdict(ex_l.pred_mem)}" if truth is not None else ""))
                 gallery(ws, ex_l, size=88, short=True)

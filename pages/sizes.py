@@ -53,7 +53,8 @@ with ui.guard("ss"):
         f"{', '.join(map(str, seeds))} · {len(fractions) * len(seeds)} caches, each tuned on the validation split."
     )
     sweep = ui.size_sweep(choice, fractions, seeds)
-    rows = ui.sweep_panel(sweep, key="ss", label="Run sweep", note=ui.missing_data_note(choice))
+    rows = ui.study_panel(sweep, choice, key="ss", label="Run sweep", note=ui.missing_data_note(choice),
+                          lock_key=ui.sweep_lock(choice))
     if rows:
         fig = plots.fig_size_sweep(rows)
         st.plotly_chart(fig, key="ss_fig")

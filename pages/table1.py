@@ -49,7 +49,8 @@ with ui.guard("t1"):
     st.caption(f"{ui.DATASETS.get(s.dataset, s.dataset)} · cache of {'all' if n is None else f'{n:,}'} training items"
                f"{' + flips' if s.flip else ''} (sidebar) · {len(models)} model{'s' if len(models) > 1 else ''}.")
     sweep = ui.table1_sweep(choice, models, sidebar_layers=side, combine_top=top)
-    rows = ui.sweep_panel(sweep, key="t1", label="Run Table 1", note=ui.missing_data_note(choice))
+    rows = ui.study_panel(sweep, choice, key="t1", label="Run Table 1", note=ui.missing_data_note(choice),
+                          lock_key=ui.sweep_lock(choice))
     if rows:
         st.subheader(f"Test error (%) on {s.dataset}")
         st.dataframe(ui.table1_wide(rows, dataset_column=False), hide_index=True, key="t1_wide")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 import time
 from pathlib import Path
 
@@ -189,19 +190,19 @@ def test_a_second_session_gets_the_stored_sweep_at_once(env, digits_rows):
 
 
 def test_a_failing_sweep_reports_one_sentence(env, monkeypatch):
-    import cacheviz.sweeps as sw
+    from cacheviz.sweeps import LayerSweep
 
-    def broken(*_a, progress=None, **_k):
-        progress(0, 1, "load data")
-        raise CachevizError("The digits went missing; restore them.")
+    def broken(self, run):
+        run.progress.stage("load data")
+        raise CachevizError("the digits went missing", "restore them", param="dataset", value="digits")
 
-    monkeypatch.setattr(sw, "sweep_layers", broken)
+    monkeypatch.setattr(LayerSweep, "compute", broken)
     at = _page("layers.py")
     at.toggle(key="ls_retune").set_value(True).run()
     at.select_slider(key="ls_dim").set_value(64).run()
     at.button(key="ls_run").click().run()
     _until(at, lambda a: a.error, timeout=30, errors_ok=True)
-    assert [e.value for e in at.error] == ["The digits went missing; restore them."]
+    assert [e.value for e in at.error] == ["Dataset (digits): the digits went missing; restore them."]
     assert at.button(key="ls_run"), "it can be tried again"
 
 
@@ -228,7 +229,9 @@ def test_table1_wide_layout():
     assert (w["baseline %"], w["cache %"], w["cache-only %"], w["cache3 %"]) == (10.0, 8.0, 12.0, 7.0)
     assert w["cache θ, λ"] == "50, 0.3" and w["cache-only θ"] == "70" and w["cache3 keys"] == "a+b (8,192)"
     assert w["cache items"] == 100
-    csv = ui.rows_csv(rows).decode()
+    from cacheviz.rows import csv_bytes
+
+    csv = csv_bytes(rows).decode()
     assert csv.splitlines()[0].startswith("model,dataset,variant,error") and "a+b" in csv
 
 
@@ -347,11 +350,11 @@ def test_fig_to_png_without_a_browser_is_one_sentence(monkeypatch):
 @pytest.fixture(scope="module")
 def digits_rows(app_dir) -> dict:
     """Digits sweep rows, read back from the store the pages wrote (computed if run alone)."""
-    from cacheviz.sweeps import sweep_layers, sweep_size
+    from cacheviz.sweeps import LayerSweep, SizeSweep
 
     return {
-        "layers": sweep_layers(PAGE_SETUP.replace(layers=(), project_dim=1024), app_dir),
-        "sizes": sweep_size(PAGE_SETUP, app_dir, fractions=PAGE_FRACTIONS, seeds=[0, 1]),
+        "layers": LayerSweep(PAGE_SETUP.replace(project_dim=1024)).run(app_dir),
+        "sizes": SizeSweep(PAGE_SETUP, fractions=PAGE_FRACTIONS, seeds=(0, 1)).run(app_dir),
     }
 
 
@@ -379,14 +382,20 @@ def test_figures_script_on_digits_rows(digits_rows, tmp_path, capsys):
 
 
 def test_a_job_over_several_models_reports_prefixed_stages(app_dir, digits_rows):
-    """Overlays run one sweep per model in one job; each model's stages carry its name."""
-    sweep = ui.Sweep("sweep-layers", "t", (("a", PAGE_SETUP.replace(layers=(), project_dim=1024)),
-                                           ("b", PAGE_SETUP.replace(layers=(), project_dim=128))),
-                     {"retune": False}, app_dir, "cpu", ui.SWEEP_STAGES["sweep-layers"])
-    assert ui.stored_sweep(sweep) is None  # "b" is not stored yet: nothing is computed to find out
-    seen = []
-    rows = sweep.run(lambda d, t, m: seen.append(m))
-    assert len(rows) == 12 and ui.stored_sweep(sweep) == rows
-    stages = {m.partition(": ")[0] for m in seen}
-    assert stages <= set(ui.sweep_stages(sweep)) and "b · layers" in stages and not any(s.startswith("a ·") for s in stages)
-    assert ui.sweep_stages(sweep)[:2] == ("a · load data", "a · extract train features")
+    """Overlays run one study per model in one job; each model's stages carry its name."""
+    from cacheviz.study import StudyGroup
+    from cacheviz.sweeps import LayerSweep
+
+    group = StudyGroup([("a", LayerSweep(PAGE_SETUP.replace(project_dim=1024))),
+                        ("b", LayerSweep(PAGE_SETUP.replace(project_dim=128)))])
+    assert group.lookup(app_dir) is None  # "b" is not stored yet: nothing is computed to find out
+    board = ui.JobBoard()
+    job = board.start(("t",), "t", lambda j: group.run(app_dir, "cpu", j), threading.Lock())
+    while job.state == "running":
+        time.sleep(0.05)
+    assert job.state == "done", job.error
+    rows = group.lookup(app_dir)
+    assert len(rows) == 12 and rows[:6] == digits_rows["layers"]
+    stages = [name for name, _ in job.snapshot()["finished"]]
+    assert stages == ["b · load data", "b · extract train features", "b · extract test features", "b · layers"]
+    assert set(stages) <= set(group.stages) and group.stages[:2] == ("a · load data", "a · extract train features")

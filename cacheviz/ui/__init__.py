@@ -1,0 +1,36 @@
+"""The app's side of cacheviz: the only package (with pages/) that imports Streamlit.
+
+    state      the shared sidebar: presets and the setup it describes
+    jobs       the job board (pure Python): background work any session can follow
+    resources  engine objects shared by all sessions, in bounded caches
+    panels     a study's stored result or its run button and progress; errors as one sentence
+    studies    the studies the pages ask for, built from the sidebar's choice
+    tables     rows as tables, CSV and PNG downloads
+    nav        page config, navigation, the entry-script guard
+
+Pages read widgets, build a study, look it up or run it through `panels`, and draw; they use
+the names re-exported here.
+"""
+from .jobs import Job, JobBoard
+from .messages import WIDGETS, message
+from .nav import ensure_entrypoint, entrypoint_started, page_config, pages
+from .panels import build_panel, guard, index_job, load_index, show_problem, study_panel
+from .resources import decode, image_key, picks, query, result_tag, thumbnails, workspace
+from .state import (CIFAR, CUSTOM, DATASETS, K_DATASET, K_DEVICE, K_FLIP, K_FRACTION, K_LAYERS, K_MODEL,
+                    K_PRESET, MODELS, OFFLINE, PRESETS, Choice, apply_preset, current, key_bytes, model_info,
+                    setup_tag, sidebar)
+from .studies import (EXACT_LIMIT_GB, SWEEP_DIMS, cli_flags, compare_defaults, layer_sweep, missing_data_note,
+                      size_sweep, sweep_feature_bytes, sweep_lock, table1_sweep)
+from .tables import (export_buttons, layer_table, parse_numbers, pct, size_summary_table, size_table,
+                     table1_wide)
+
+__all__ = [
+    "Job", "JobBoard", "WIDGETS", "message", "ensure_entrypoint", "entrypoint_started", "page_config", "pages",
+    "build_panel", "guard", "index_job", "load_index", "show_problem", "study_panel", "decode", "image_key",
+    "picks", "query", "result_tag", "thumbnails", "workspace", "CIFAR", "CUSTOM", "DATASETS", "K_DATASET",
+    "K_DEVICE", "K_FLIP", "K_FRACTION", "K_LAYERS", "K_MODEL", "K_PRESET", "MODELS", "OFFLINE", "PRESETS",
+    "Choice", "apply_preset", "current", "key_bytes", "model_info", "setup_tag", "sidebar", "EXACT_LIMIT_GB",
+    "SWEEP_DIMS", "cli_flags", "compare_defaults", "layer_sweep", "missing_data_note", "size_sweep",
+    "sweep_feature_bytes", "sweep_lock", "table1_sweep", "export_buttons", "layer_table", "parse_numbers", "pct",
+    "size_summary_table", "size_table", "table1_wide",
+]

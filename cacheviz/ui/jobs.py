@@ -1,0 +1,137 @@
+"""The job board: long work in background threads, one job per request, watched by any session.
+
+Pure Python (no Streamlit), so it is unit-tested with real threads. A `Job` is the study's
+progress reporter (`stage`, `step`); the app draws its snapshots. A second session asking for
+the same work follows the running job instead of starting another; a page switch does not
+stop it; finished jobs stay listed (the newest `keep`) so late visitors see how they ended.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from ..errors import CachevizError
+
+log = logging.getLogger("cacheviz.app")
+
+OUT_OF_MEMORY = "The machine ran out of memory; lower the cache size or pick a narrower key layer."
+
+
+@dataclass
+class Job:
+    """One piece of work reporting per-stage progress (a `progress.Reporter`)."""
+
+    key: tuple
+    title: str
+    state: str = "running"  # running | done | failed
+    stage_name: str = ""
+    detail: str = ""
+    done: int = 0
+    total: int = 1
+    t0: float = field(default_factory=time.time)
+    stage_t0: float = field(default_factory=time.time)
+    finished: list = field(default_factory=list)  # [(stage, seconds)]
+    error: str | None = None
+    seconds: float | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def stage(self, name: str) -> None:
+        now = time.time()
+        with self._lock:
+            if self.stage_name and self.stage_name != name:
+                self.finished.append((self.stage_name, now - self.stage_t0))
+            if self.stage_name != name:
+                self.stage_name, self.stage_t0 = name, now
+            self.detail, self.done, self.total = "", 0, 1
+
+    def step(self, done: int, total: int, detail: str = "") -> None:
+        with self._lock:
+            self.detail, self.done, self.total = str(detail), int(done), max(int(total), 1)
+
+    def finish(self, error: str | None = None) -> None:
+        now = time.time()
+        with self._lock:
+            if self.stage_name and error is None:
+                self.finished.append((self.stage_name, now - self.stage_t0))
+                self.stage_name = ""
+            self.error = error
+            self.seconds = now - self.t0
+            self.state = "failed" if error else "done"
+
+    def snapshot(self) -> dict:
+        with self._lock:
+            now = time.time()
+            return dict(
+                state=self.state, stage=self.stage_name, detail=self.detail, done=self.done, total=self.total,
+                elapsed=now - self.t0, stage_elapsed=now - self.stage_t0, finished=list(self.finished),
+                error=self.error, seconds=self.seconds, title=self.title,
+            )
+
+
+class JobBoard:
+    """At most one running job per key; the newest `keep` finished jobs stay listed.
+
+    `render(exc)` words a `CachevizError` for the front end (the app names its widgets).
+    """
+
+    def __init__(self, render: Callable[[CachevizError], str] = str, keep: int = 64):
+        self._jobs: dict[tuple, Job] = {}
+        self._lock = threading.Lock()
+        self.render = render
+        self.keep = keep
+
+    def get(self, key: tuple) -> Job | None:
+        with self._lock:
+            return self._jobs.get(key)
+
+    def running(self) -> list[Job]:
+        with self._lock:
+            return [j for j in self._jobs.values() if j.state == "running"]
+
+    def start(self, key: tuple, title: str, work: Callable[[Job], Any], lock: threading.Lock) -> Job:
+        """Start `work(job)` under `lock` unless a job with `key` is already running."""
+        with self._lock:
+            job = self._jobs.get(key)
+            if job is not None and job.state == "running":
+                return job
+            job = Job(key, title)
+            self._jobs[key] = job
+            finished = [k for k, j in self._jobs.items() if j.state != "running"]
+            for k in finished[: max(0, len(self._jobs) - self.keep)]:
+                del self._jobs[k]
+        threading.Thread(target=self._run, args=(job, work, lock), name=f"cacheviz-{title}", daemon=True).start()
+        return job
+
+    def _run(self, job: Job, work: Callable[[Job], Any], lock: threading.Lock) -> None:
+        try:
+            if not lock.acquire(blocking=False):
+                job.stage("waiting for another build of the same setup")
+                lock.acquire()
+            try:
+                work(job)
+            finally:
+                lock.release()
+            job.finish()
+        except CachevizError as exc:
+            job.finish(self.render(exc))
+        except MemoryError:
+            job.finish(OUT_OF_MEMORY)
+        except Exception as exc:
+            log.error("job %s failed:\n%s", job.title, traceback.format_exc())
+            job.finish(f"The work failed unexpectedly ({type(exc).__name__}); see the server log and try again.")
+
+
+class Locks:
+    """One lock per key, made on first use (process-wide)."""
+
+    def __init__(self):
+        self._guard = threading.Lock()
+        self._locks: dict[Any, threading.Lock] = {}
+
+    def __call__(self, key) -> threading.Lock:
+        with self._guard:
+            return self._locks.setdefault(key, threading.Lock())

@@ -1,0 +1,202 @@
+"""What a page shows for a study: its stored result, or the button that runs it and, while it
+runs, its stages, progress bar, elapsed time and ETA; and errors as one sentence each."""
+from __future__ import annotations
+
+import logging
+import time
+import traceback
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import streamlit as st
+
+from .. import retrieval, workspace as engine_ws
+from ..errors import CachevizError
+from ..experiment import Evaluate
+from ..progress import Stage
+from .jobs import OUT_OF_MEMORY, Job
+from .messages import message
+from .resources import cache_index, jobs, locks, result_tag, setup_lock
+from .state import OFFLINE, Choice, apply_preset, data_dir
+
+log = logging.getLogger("cacheviz.app")
+
+# The app asks on every rerun whether a study is stored; a folder dataset's listing is walked
+# again at most this often (seconds).
+LOOKUP_MAX_AGE = 5.0
+INDEX_STAGES = (Stage.LOAD, Stage.TRAIN_FEATURES)
+
+
+def use_offline_preset_button(key: str) -> None:
+    st.button(f"Switch to the offline preset ({OFFLINE})", key=key, on_click=apply_preset, args=(OFFLINE,),
+              type="primary")
+
+
+def show_problem(msg: str, key: str = "offline_from_problem") -> None:
+    """One sentence, where the data lives, and the way out: the offline preset."""
+    st.error(msg)
+    st.caption(f"Data directory: `{data_dir().resolve()}` (set `CACHEVIZ_DATA_DIR` to use another).")
+    use_offline_preset_button(key)
+
+
+@contextmanager
+def guard(key: str = "guard"):
+    """Turn any error of a page into a message: never a traceback in the browser."""
+    try:
+        yield
+    except CachevizError as exc:
+        show_problem(message(exc), key=f"{key}_offline")
+    except MemoryError:
+        st.error(OUT_OF_MEMORY)
+    except Exception as exc:  # Streamlit's stop/rerun are BaseExceptions and pass through
+        log.error("unexpected error in the app:\n%s", traceback.format_exc())
+        st.error(f"Something unexpected went wrong ({type(exc).__name__}); reload the page, and if it happens "
+                 f"again report it with the server log.")
+
+
+def _fmt_s(sec: float) -> str:
+    sec = max(0.0, float(sec))
+    return f"{sec:.0f} s" if sec < 90 else f"{sec // 60:.0f} min {sec % 60:02.0f} s"
+
+
+def _draw_snapshot(snap: dict, stages: tuple[str, ...]) -> None:
+    finished = dict(snap["finished"])
+    lines = []
+    for name in stages:
+        if name in finished:
+            lines.append(f":green[:material/check_circle:] {name} — {_fmt_s(finished[name])}")
+        elif name == snap["stage"]:
+            lines.append(f":blue[:material/progress_activity:] **{name}**")
+        else:
+            lines.append(f":gray[:material/radio_button_unchecked: {name}]")
+    if snap["stage"] and snap["stage"] not in stages:  # e.g. waiting for another build
+        lines.append(f":blue[:material/hourglass_top:] {snap['stage']}")
+    st.markdown("  \n".join(lines))
+    if snap["state"] == "running":
+        frac = min(max(snap["done"] / snap["total"], 0.0), 1.0)
+        el = snap["stage_elapsed"]
+        eta = f" · ETA {_fmt_s(el / frac - el)}" if 0.02 < frac < 1 and el > 1 else ""
+        detail = f" — {snap['detail']}" if snap["detail"] else ""
+        count = f" {snap['done']}/{snap['total']}" if snap["total"] > 1 else ""
+        st.progress(frac, text=f"{snap['stage'] or 'starting'}{detail}{count} · {_fmt_s(el)} in this stage{eta}")
+        st.caption(f"Elapsed {_fmt_s(snap['elapsed'])}. You may switch pages; the work goes on.")
+
+
+@st.fragment(run_every=1.0)
+def show_progress(job: Job, stages: tuple[str, ...]) -> None:
+    """The job's stages and progress, redrawn every second on its own; when the job ends, the
+    whole page runs again and shows the result."""
+    snap = job.snapshot()
+    if snap["state"] != "running":
+        st.rerun()
+    _draw_snapshot(snap, stages)
+
+
+def job_key(study, where: Path) -> tuple:
+    return (study.kind, study.ident(), str(Path(where).resolve()))
+
+
+def start(study, choice: Choice, lock_key: Any = None) -> Job:
+    """Run `study` in the background on the shared board (a running twin is followed instead)."""
+    where, device = choice.data_dir, choice.device
+    lock = locks()(lock_key) if lock_key is not None else setup_lock(choice.setup, where)
+    return jobs().start(job_key(study, where), study.title, lambda job: study.run(where, device, job), lock)
+
+
+def study_panel(study, choice: Choice, key: str, label: str, refusal: str | None = None, note: str | None = None,
+                lock_key: Any = None, offer_offline: bool = False, button_key: str | None = None) -> Any | None:
+    """The study's stored result; else its run button and, while it runs, its progress.
+
+    `refusal`: one sentence why it must not run (shown, no button). The job is shared by every
+    session asking for the same study, and a page switch does not stop it.
+    """
+    result = study.lookup(choice.data_dir, max_age=LOOKUP_MAX_AGE)
+    if result is not None:
+        return result
+    job = jobs().get(job_key(study, choice.data_dir))
+    if job is not None and job.state == "running":
+        show_progress(job, study.stages)  # also when another session started it
+        return None
+    if refusal:
+        st.warning(refusal, icon=":material/memory:")
+        return None
+    if note and job is None:
+        st.info(note)
+    if st.button(label, type="primary", key=button_key or f"{key}_run", icon=":material/play_arrow:"):
+        start(study, choice, lock_key)
+        st.rerun()  # the next run shows the progress in the button's place
+    if job is not None and job.state == "failed":
+        msg = job.error or "The last run failed; try again."
+        if offer_offline:
+            show_problem(msg, key=f"{key}_failed")
+        else:
+            st.error(msg)
+    return None
+
+
+def build_panel(choice: Choice, key: str) -> dict | None:
+    """The evaluate result of the sidebar's setup, or the "Build cache" button and its progress."""
+    if choice.problem:
+        show_problem(choice.problem, key=f"{key}_problem")
+        return None
+    from .studies import missing_data_note
+
+    return study_panel(Evaluate(choice.setup), choice, key, "Build cache", note=missing_data_note(choice),
+                       offer_offline=True, button_key=f"{key}_build")
+
+
+# ---------------------------------------------------------------------------------------------
+# The cache as an index for the Neighbours page (its features come from the store after a build)
+
+
+def _index_key(choice: Choice, layers: tuple[str, ...]) -> tuple:
+    setup = choice.setup.replace(layers=tuple(layers)) if layers else choice.setup
+    return ("index", setup, str(Path(choice.data_dir).resolve())), setup
+
+
+def index_job(choice: Choice, layers: tuple[str, ...] = ()) -> Job | None:
+    return jobs().get(_index_key(choice, layers)[0])
+
+
+def start_index_job(choice: Choice, layers: tuple[str, ...] = ()) -> Job:
+    """Make sure the cache items' features for `layers` are in the store, in the background.
+
+    They are, right after a build, and then this takes a fraction of a second; for another key
+    layer (a comparison) or after the store was cleared it extracts them, with progress.
+    """
+    key, setup = _index_key(choice, layers)
+    where, device = choice.data_dir, choice.device
+
+    def work(job: Job) -> None:
+        job.stage(Stage.LOAD)
+        ws = engine_ws.prepare(setup, where, device, progress=job.step)
+        job.stage(Stage.TRAIN_FEATURES)
+        ws.features("train", ws.split.cache_test_idx, ws.layers, flip=setup.flip, progress=job.step)
+
+    return jobs().start(key, f"keys {','.join(layers or choice.layers)}", work, setup_lock(setup, where))
+
+
+def load_index(choice: Choice, result: dict, layers: tuple[str, ...] = (), key: str = "index"
+               ) -> retrieval.CacheIndex | None:
+    """The cache keyed on `layers` (default: the setup's); while its features are extracted, the
+    progress is shown and None returned."""
+    layers = tuple(layers)
+    job = index_job(choice, layers)
+    if job is not None and job.state == "failed":
+        st.error(job.error or "Preparing these keys failed.")
+        if not st.button("Try again", key=f"{key}_retry"):
+            return None
+        job = None
+    if job is None:
+        job = start_index_job(choice, layers)
+        for _ in range(20):  # keys already in the store load in a moment: spare the page a flash of progress
+            if job.state != "running":
+                break
+            time.sleep(0.1)
+    if job.state == "running":
+        show_progress(job, INDEX_STAGES)
+        return None
+    if job.state == "failed":
+        st.rerun()  # shown, with "Try again", by the next run
+    return cache_index(choice.setup, str(choice.data_dir), choice.device, result_tag(result), layers)

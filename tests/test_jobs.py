@@ -1,0 +1,92 @@
+"""The app's job board with real threads: one job per request, stages, failures in one sentence."""
+from __future__ import annotations
+
+import threading
+import time
+
+from cacheviz.errors import CachevizError
+from cacheviz.ui.jobs import JobBoard
+from cacheviz.ui.messages import message
+
+
+def _wait(job, timeout=5.0):
+    end = time.time() + timeout
+    while job.state == "running" and time.time() < end:
+        time.sleep(0.02)
+    return job
+
+
+def test_one_job_however_many_sessions_ask():
+    board = JobBoard()
+    calls, gate = [], threading.Event()
+
+    def work(job):
+        calls.append(1)
+        job.stage("grid search")
+        job.step(1, 2, "half way")
+        gate.wait(5)
+
+    lock = threading.Lock()
+    starters = []
+    threads = [threading.Thread(target=lambda: starters.append(board.start(("evaluate", "same"), "t", work, lock)))
+               for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(starters) == 8 and all(j is starters[0] for j in starters)
+    time.sleep(0.2)
+    snap = starters[0].snapshot()
+    assert snap["state"] == "running" and snap["stage"] == "grid search" and snap["detail"] == "half way"
+    assert (snap["done"], snap["total"]) == (1, 2) and board.running() == [starters[0]]
+    gate.set()
+    assert _wait(starters[0]).state == "done" and len(calls) == 1
+    assert [name for name, _ in starters[0].snapshot()["finished"]] == ["grid search"]
+    # once done, asking again starts a new job
+    again = board.start(("evaluate", "same"), "t", lambda job: None, lock)
+    assert again is not starters[0] and _wait(again).state == "done"
+
+
+def test_jobs_sharing_a_lock_run_one_after_another():
+    board, lock = JobBoard(), threading.Lock()
+    order, gate = [], threading.Event()
+
+    def first(job):
+        order.append("first")
+        gate.wait(5)
+
+    def second(job):
+        order.append("second")
+
+    a = board.start(("a",), "a", first, lock)
+    time.sleep(0.1)
+    b = board.start(("b",), "b", second, lock)
+    time.sleep(0.2)
+    assert b.snapshot()["stage"].startswith("waiting") and order == ["first"]
+    gate.set()
+    assert _wait(a).state == "done" and _wait(b).state == "done" and order == ["first", "second"]
+
+
+def test_a_failing_job_reports_one_sentence_in_the_apps_words():
+    board = JobBoard(render=message)
+
+    def work(job):
+        raise CachevizError("Could not download resnet20 weights (no network?)", "put it into /x/",
+                            "pass {checkpoint}")
+
+    job = _wait(board.start(("evaluate", "bad"), "t", work, threading.Lock()))
+    assert job.state == "failed" and job.error == "Could not download resnet20 weights (no network?); put it into /x/."
+
+    def crash(job):
+        raise RuntimeError("boom\nwith a second line")
+
+    job = _wait(board.start(("evaluate", "crash"), "t", crash, threading.Lock()))
+    assert job.state == "failed" and "RuntimeError" in job.error and "\n" not in job.error
+
+
+def test_finished_jobs_are_forgotten_beyond_the_limit():
+    board = JobBoard(keep=3)
+    done = [_wait(board.start((i,), str(i), lambda job: None, threading.Lock())) for i in range(6)]
+    assert all(j.state == "done" for j in done)
+    board.start(("last",), "last", lambda job: None, threading.Lock())
+    assert board.get((0,)) is None and board.get((5,)) is not None
