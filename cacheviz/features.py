@@ -195,7 +195,8 @@ def extract(
     proj = {name: SignSketch(d, project_dim, seed, name) for name, d in dims.items() if project_dim and d > project_dim}
     out = {name: torch.empty(n_out, project_dim if name in proj else d, device=out_device) for name, d in dims.items()}
     done = 0
-    with torch.inference_mode():
+    # full float32 convolutions on GPUs too (no TF32), so keys agree with the CPU's to rounding
+    with torch.inference_mode(), torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
         for start in range(0, n, batch_size):
             x = spec.preprocess(images[start : start + batch_size].to(device))
             b = len(x)

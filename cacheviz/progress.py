@@ -24,6 +24,7 @@ class Stage:
     LAYERS = "layers"
     SIZES = "cache sizes"
     KEY_SETS = "key sets"
+    WAITING = "waiting for the same work started elsewhere"
 
 
 class Reporter(Protocol):

@@ -7,20 +7,15 @@ from cacheviz import plots, ui
 
 ui.ensure_entrypoint(Path(__file__).resolve().parents[1] / "app.py")  # see ui.ensure_entrypoint
 
-st.title("Which layer makes the best keys?")
-st.markdown(
-    "The paper's **Figure 2**: every tappable layer, from the input image (l/L = 0) to the output logits "
-    "(l/L = 1), used **alone** as the cache's keys; θ and λ fixed to the middle of their ranges "
-    "(θ = 50, λ = 0.5) unless re-tuned per layer. The paper finds that layers close to, but not at, "
-    "the output help most and that the input image hurts."
-)
+INTRO = """
+The paper's **Figure 2**: every tappable layer, from the input image (l/L = 0) to the output
+logits (l/L = 1), used **alone** as the cache's keys; θ and λ fixed to the middle of their ranges
+(θ = 50, λ = 0.5) unless re-tuned per layer. The paper finds that layers close to, but not at, the
+output help most and that the input image hurts.
+"""
 
-with ui.guard("ls"):
-    choice = ui.current()
+with ui.experiment_page("ls", "Which layer makes the best keys?", INTRO) as choice:
     s = choice.setup
-    if choice.problem:
-        ui.show_problem(choice.problem, key="ls_problem")
-        st.stop()
 
     c1, c2, c3 = st.columns([2, 2, 3], vertical_alignment="bottom")
     retune = c1.toggle("Re-tune θ, λ per layer", key="ls_retune",

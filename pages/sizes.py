@@ -10,20 +10,15 @@ ui.ensure_entrypoint(Path(__file__).resolve().parents[1] / "app.py")  # see ui.e
 
 MIN_SIZES, MIN_SEEDS = 6, 2
 
-st.title("How big must the cache be?")
-st.markdown(
-    "The paper's **Figure 3**: class-balanced random caches from 0% (the network alone) to 100% of the "
-    "training items, θ and λ re-tuned on the validation split at every size, the gain over the network "
-    "in percentage points as mean ± s.e.m. over seeds — for the cache model and the cache-only model (λ = 1). "
-    "The paper sees gains with small caches already, growing steadily with the cache."
-)
+INTRO = """
+The paper's **Figure 3**: class-balanced random caches from 0% (the network alone) to 100% of the
+training items, θ and λ re-tuned on the validation split at every size, the gain over the network in
+percentage points as mean ± s.e.m. over seeds — for the cache model and the cache-only model (λ = 1).
+The paper sees gains with small caches already, growing steadily with the cache.
+"""
 
-with ui.guard("ss"):
-    choice = ui.current()
+with ui.experiment_page("ss", "How big must the cache be?", INTRO) as choice:
     s = choice.setup
-    if choice.problem:
-        ui.show_problem(choice.problem, key="ss_problem")
-        st.stop()
 
     c1, c2 = st.columns([3, 1])
     frac_text = c1.text_input("Cache sizes, as fractions of the training set", "0, 0.01, 0.03, 0.1, 0.3, 1",

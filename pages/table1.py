@@ -7,20 +7,15 @@ from cacheviz import plots, ui
 
 ui.ensure_entrypoint(Path(__file__).resolve().parents[1] / "app.py")  # see ui.ensure_entrypoint
 
-st.title("Table 1: does the cache help every network?")
-st.markdown(
-    "The paper's **Table 1**: test error of the network alone (baseline), the cache model, the cache-only "
-    "model (λ = 1) and **Cache3** — the best combination of up to 3 of the best single key layers — with θ "
-    "and λ tuned on the validation split. In the paper the cache model always beats the baseline "
-    "(ResNet20 on CIFAR-10: 8.33% → 7.58%) while cache-only is worse (11.87%)."
-)
+INTRO = """
+The paper's **Table 1**: test error of the network alone (baseline), the cache model, the cache-only
+model (λ = 1) and **Cache3** — the best combination of up to 3 of the best single key layers — with θ
+and λ tuned on the validation split. In the paper the cache model always beats the baseline (ResNet20 on
+CIFAR-10: 8.33% → 7.58%) while cache-only is worse (11.87%).
+"""
 
-with ui.guard("t1"):
-    choice = ui.current()
+with ui.experiment_page("t1", "Table 1: does the cache help every network?", INTRO) as choice:
     s = choice.setup
-    if choice.problem:
-        ui.show_problem(choice.problem, key="t1_problem")
-        st.stop()
 
     options = ui.MODELS.get(s.dataset, [s.model])
     picked = st.multiselect("Models", options, default=[s.model], key=f"t1_models_{s.dataset}",

@@ -5,6 +5,7 @@ import threading
 import time
 
 from cacheviz.errors import CachevizError
+from cacheviz.progress import Stage
 from cacheviz.ui.jobs import JobBoard
 from cacheviz.ui.messages import message
 
@@ -62,7 +63,7 @@ def test_jobs_sharing_a_lock_run_one_after_another():
     time.sleep(0.1)
     b = board.start(("b",), "b", second, lock)
     time.sleep(0.2)
-    assert b.snapshot()["stage"].startswith("waiting") and order == ["first"]
+    assert b.snapshot()["stage"] == Stage.WAITING and order == ["first"]
     gate.set()
     assert _wait(a).state == "done" and _wait(b).state == "done" and order == ["first", "second"]
 

@@ -14,7 +14,7 @@ the names re-exported here.
 from .jobs import Job, JobBoard
 from .messages import WIDGETS, message
 from .nav import ensure_entrypoint, entrypoint_started, page_config, pages
-from .panels import build_panel, guard, index_job, load_index, show_problem, study_panel
+from .panels import build_panel, experiment_page, guard, index_job, load_index, show_problem, study_panel
 from .resources import decode, image_key, picks, query, result_tag, thumbnails, workspace
 from .state import (CIFAR, CUSTOM, DATASETS, K_DATASET, K_DEVICE, K_FLIP, K_FRACTION, K_LAYERS, K_MODEL,
                     K_PRESET, MODELS, OFFLINE, PRESETS, Choice, apply_preset, current, key_bytes, model_info,
@@ -26,7 +26,7 @@ from .tables import (export_buttons, layer_table, parse_numbers, pct, size_summa
 
 __all__ = [
     "Job", "JobBoard", "WIDGETS", "message", "ensure_entrypoint", "entrypoint_started", "page_config", "pages",
-    "build_panel", "guard", "index_job", "load_index", "show_problem", "study_panel", "decode", "image_key",
+    "build_panel", "experiment_page", "guard", "index_job", "load_index", "show_problem", "study_panel", "decode", "image_key",
     "picks", "query", "result_tag", "thumbnails", "workspace", "CIFAR", "CUSTOM", "DATASETS", "K_DATASET",
     "K_DEVICE", "K_FLIP", "K_FRACTION", "K_LAYERS", "K_MODEL", "K_PRESET", "MODELS", "OFFLINE", "PRESETS",
     "Choice", "apply_preset", "current", "key_bytes", "model_info", "setup_tag", "sidebar", "EXACT_LIMIT_GB",

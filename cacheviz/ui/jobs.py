@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from ..errors import CachevizError
+from ..progress import Stage
 
 log = logging.getLogger("cacheviz.app")
 
@@ -109,7 +110,7 @@ class JobBoard:
     def _run(self, job: Job, work: Callable[[Job], Any], lock: threading.Lock) -> None:
         try:
             if not lock.acquire(blocking=False):
-                job.stage("waiting for another build of the same setup")
+                job.stage(Stage.WAITING)
                 lock.acquire()
             try:
                 work(job)

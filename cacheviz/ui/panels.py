@@ -93,6 +93,22 @@ def show_progress(job: Job, stages: tuple[str, ...]) -> None:
     _draw_snapshot(snap, stages)
 
 
+@contextmanager
+def experiment_page(key: str, title: str, intro: str):
+    """A page of the paper's experiments: its title and intro, then the body under `guard`, given
+    the sidebar's choice; a choice that cannot be loaded here shows its problem instead."""
+    from .state import current
+
+    st.title(title)
+    st.markdown(intro)
+    with guard(key):
+        choice = current()
+        if choice.problem:
+            show_problem(choice.problem, key=f"{key}_problem")
+            st.stop()
+        yield choice
+
+
 def job_key(study, where: Path) -> tuple:
     return (study.kind, study.ident(), str(Path(where).resolve()))
 
