@@ -26,7 +26,7 @@ FLAGS = {
     "val_from_train": "--val-from-train", "val_fraction": "the validation share", "grid": "--grid",
     "project_dim": "--project-dim", "batch_size": "--batch-size", "seed": "--seed", "fractions": "--fractions",
     "seeds": "--seeds", "combine_top": "--combine-top", "out": "--out", "json": "--json", "theta": "theta",
-    "lam": "lam",
+    "lam": "lam", "data_dir": "--data-dir",
 }
 
 TABLE_ROWS = [
@@ -161,7 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_layers(args) -> int:
     from .features import list_layers
     from .models import load_model
+    from .store import check_data_dir
 
+    check_data_dir(_data_dir(args))
     spec = load_model(_model_name(args.model), _data_dir(args), checkpoint=args.checkpoint)
     infos = list_layers(spec)
     default = set(spec.default_layers)

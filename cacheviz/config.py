@@ -8,6 +8,8 @@ from .errors import CachevizError
 
 # A finer theta x lam grid than this is refused: it costs time and tunes nothing more.
 MAX_GRID = 101
+# Seeds feed torch generators and the projection's seed arithmetic: 31 bits keep both exact.
+MAX_SEED = 2**31 - 1
 
 # The model a dataset gets when none is named.
 DEFAULT_MODEL = {"digits": "digits-cnn", "cifar10": "resnet20"}
@@ -36,6 +38,8 @@ class Setup:
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v <= 0):
                 raise CachevizError("give a positive whole number", "leave it unset", param=name, value=v)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED:
+            raise CachevizError(f"give a whole number from 0 to {MAX_SEED}", param="seed", value=self.seed)
         if not isinstance(self.val_from_train, int) or self.val_from_train < 0:
             raise CachevizError("give 0 or a positive number of training items", param="val_from_train",
                                 value=self.val_from_train)

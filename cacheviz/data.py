@@ -371,19 +371,31 @@ def _scan_split(split_dir: Path, classes: list[str]) -> list[tuple[str, int, int
     found: list[tuple[str, int, int, int]] = []
     for label, cls in enumerate(classes):
         if (split_dir / cls).is_dir():
-            _scan_dir(str(split_dir / cls), label, found)
+            _scan_dir(str(split_dir / cls), label, found, set())
     return found
 
 
-def _scan_dir(directory: str, label: int, found: list) -> None:
+def _scan_dir(directory: str, label: int, found: list, seen: set) -> None:
     # scandir + DirEntry.stat is the cheapest walk; it is most of the cost of a cached reload.
+    real = os.path.realpath(directory)
+    if real in seen:  # a symbolic link back up the tree: each folder is read once
+        return
+    seen.add(real)
     files, subdirs = [], []
-    with os.scandir(directory) as entries:
+    try:
+        entries = os.scandir(directory)
+    except OSError:  # unreadable, or a link loop the OS refuses to follow
+        return
+    with entries:
         for entry in entries:
             name = entry.name
             if name.startswith("."):
                 continue
-            if entry.is_dir():
+            try:
+                is_dir = entry.is_dir()
+            except OSError:
+                continue
+            if is_dir:
                 subdirs.append(entry.path)
             elif "." + name.rpartition(".")[2].lower() in _IMAGE_SUFFIXES:
                 try:
@@ -394,7 +406,7 @@ def _scan_dir(directory: str, label: int, found: list) -> None:
     files.sort()
     found.extend(files)
     for sub in sorted(subdirs):
-        _scan_dir(sub, label, found)
+        _scan_dir(sub, label, found, seen)
 
 
 def _class_folders(split_dir: Path) -> list[str]:
@@ -502,7 +514,9 @@ def _folder_source(canonical: str, root: Path) -> tuple[dict[str, Any], list[str
     listing = hashlib.sha256()
     cut = len(str(root)) + 1
     for part in ("train", "test"):
-        listing.update("".join(f"{p[cut:]}\t{lab}\t{sz}\t{mt}\n" for p, lab, sz, mt in files[part]).encode())
+        # names that are not UTF-8 (surrogate-escaped by os.scandir) hash as their raw bytes
+        listing.update("".join(f"{p[cut:]}\t{lab}\t{sz}\t{mt}\n" for p, lab, sz, mt in files[part])
+                       .encode("utf-8", "surrogateescape"))
     source = {
         "files": sum(len(v) for v in files.values()),
         "bytes": sum(f[2] for v in files.values() for f in v),

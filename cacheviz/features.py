@@ -192,7 +192,9 @@ def extract(
     n = len(images)
     n_out = 2 * n if flip else n
     dims = {i.name: i.dim for i in list_layers(spec) if i.name in layers}
-    proj = {name: SignSketch(d, project_dim, seed, name) for name, d in dims.items() if project_dim and d > project_dim}
+    # the logits are never projected: they are p_net's input, and at most C wide anyway
+    proj = {name: SignSketch(d, project_dim, seed, name) for name, d in dims.items()
+            if project_dim and d > project_dim and name != "logits"}
     out = {name: torch.empty(n_out, project_dim if name in proj else d, device=out_device) for name, d in dims.items()}
     done = 0
     # full float32 convolutions on GPUs too (no TF32), so keys agree with the CPU's to rounding

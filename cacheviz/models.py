@@ -398,9 +398,9 @@ def _read_state_dict(path: Path, arch: str) -> dict[str, torch.Tensor]:
     return {(k[len("module.") :] if k.startswith("module.") else k): v for k, v in obj.items()}
 
 
-def _load_weights(net: nn.Module, path: Path, arch: str) -> None:
+def _load_weights(net: nn.Module, path: Path, arch: str, state: dict | None = None) -> None:
     """Load a checkpoint into `net`, or raise a CachevizError saying what does not fit."""
-    state = _read_state_dict(path, arch)
+    state = _read_state_dict(path, arch) if state is None else state
     expected = net.state_dict()
     # Old checkpoints (the published CIFAR ones included) predate BatchNorm's batch counter.
     optional = {k for k in expected if k.endswith("num_batches_tracked")}
@@ -421,6 +421,17 @@ def _load_weights(net: nn.Module, path: Path, arch: str) -> None:
             f"{tuple(expected[like].shape)}, but {detail})",
             f"give a checkpoint saved from {arch}", param="checkpoint", value=str(path),
         )
+    for k, ref in expected.items():
+        if k in state and ref.is_floating_point():
+            v = state[k]
+            if not v.is_floating_point():
+                raise CachevizError(f"{k} holds {v.dtype} values where {arch} has floating-point weights",
+                                    f"give a checkpoint saved from a trained {arch}", param="checkpoint",
+                                    value=str(path))
+            if not bool(torch.isfinite(v).all()):
+                raise CachevizError(f"{k} holds NaN or infinite values (a diverged training run?)",
+                                    f"give a checkpoint saved from a trained {arch}", param="checkpoint",
+                                    value=str(path))
     net.load_state_dict(state, strict=False)
     net.eval()
 
@@ -436,7 +447,7 @@ def _download(url: str, dst: Path, hash_prefix: str | None, what: str, *fixes: s
 
 
 def _load_cifar_resnet(depth: int, data_dir: Path, checkpoint: Path | None, progress) -> ModelSpec:
-    net = build_cifar_resnet(depth)
+    _blocks_per_stage(depth)
     name = f"resnet{depth}"
     if checkpoint is None:
         ckpt_dir = data_dir / "checkpoints"
@@ -464,7 +475,18 @@ def _load_cifar_resnet(depth: int, data_dir: Path, checkpoint: Path | None, prog
                 )
                 if progress is not None:
                     progress(1, 1, f"downloading {name} weights")
-    _load_weights(net, checkpoint, name)
+    state = _read_state_dict(checkpoint, name)  # before building: a huge depth needs a real file first
+    n = _blocks_per_stage(depth)
+    if f"layer3.{n - 1}.conv2.weight" not in state or f"layer3.{n}.conv1.weight" in state:
+        blocks = len({k.split(".")[1] for k in state if k.startswith("layer3.")})
+        if blocks == 0:
+            raise CachevizError(f"this checkpoint holds no CIFAR ResNet (no layer3 blocks), so it does not fit {name}",
+                                f"give a checkpoint saved from {name}", param="checkpoint", value=str(checkpoint))
+        raise CachevizError(f"this checkpoint has {blocks} blocks per stage, {name} has {n}",
+                            f"give a checkpoint saved from {name}", f"choose resnet{6 * blocks + 2} as {{model}}",
+                            param="checkpoint", value=str(checkpoint))
+    net = build_cifar_resnet(depth)
+    _load_weights(net, checkpoint, name, state)
     layers, defaults = _cifar_resnet_layers(depth)
     return ModelSpec(
         name=name,

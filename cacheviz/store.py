@@ -23,9 +23,27 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from . import __version__
+from .errors import CachevizError
 
 # Bump when a change to the engine alters what a stored artefact means.
 FORMAT_VERSION = 1
+
+
+def check_data_dir(path: str | os.PathLike) -> Path:
+    """The data directory, created if missing; one sentence if it cannot hold what is computed."""
+    path = Path(path).expanduser()
+    if path.exists() and not path.is_dir():
+        raise CachevizError("that is a file, not a folder", "give a folder (it is created when missing)",
+                            param="data_dir", value=str(path))
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CachevizError(f"the folder cannot be created ({exc.strerror or type(exc).__name__})",
+                            "give a folder you can write to", param="data_dir", value=str(path)) from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise CachevizError("the folder is not writable", "give a folder you can write to",
+                            param="data_dir", value=str(path))
+    return path
 
 
 def canonical_json(obj: Any) -> Any:
@@ -39,17 +57,28 @@ def config_hash(config: dict[str, Any]) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+# Files in the data directory are readable by everyone who shares it (the app's users).
+FILE_MODE = 0o644
+_TMP_SUFFIX = ".tmp"
+_SWEPT: set[str] = set()
+
+
 @contextlib.contextmanager
 def _atomic_target(path: str | os.PathLike) -> Iterator[str]:
-    """Yield a temp path beside `path`; on success it replaces `path`, on any failure it goes."""
+    """Yield a temp path beside `path`; on success it replaces `path`, on any failure it goes.
+
+    The temp file's name carries the writer's process id, so one left behind by a killed
+    process is recognised and removed by the next writer in that folder.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    sweep_stale_temps(path.parent)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=_TMP_SUFFIX)
     os.close(fd)
-    # mkstemp makes 0600 files; a data directory shared by the app's users needs them readable
-    os.chmod(tmp, 0o644)
     try:
         yield tmp
+        # after the writer: some (safetensors) replace the file, which resets mkstemp's mode
+        os.chmod(tmp, FILE_MODE)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -59,6 +88,41 @@ def _atomic_target(path: str | os.PathLike) -> Iterator[str]:
         except FileNotFoundError:
             pass
         raise
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def sweep_stale_temps(folder: str | os.PathLike, force: bool = False) -> list[str]:
+    """Remove temp files in `folder` whose writing process is gone (once per folder and process)."""
+    folder = str(folder)
+    if folder in _SWEPT and not force:
+        return []
+    _SWEPT.add(folder)
+    removed = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    for e in entries:
+        if not (e.name.startswith(".") and e.name.endswith(_TMP_SUFFIX)):
+            continue
+        parts = e.name[: -len(_TMP_SUFFIX)].split(".")  # "", name..., pid, random
+        pid = int(parts[-2]) if len(parts) >= 4 and parts[-2].isdigit() else None
+        if pid is not None and pid != os.getpid() and not _pid_alive(pid):
+            try:
+                os.unlink(e.path)
+                removed.append(e.name)
+            except OSError:
+                pass
+    return removed
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

@@ -226,6 +226,7 @@ class Study(ABC):
             hit = self.lookup(data_dir)
             if hit is not None:
                 return hit
+        store.check_data_dir(data_dir)
         run = Run(data_dir, device, batch_size, reporter(progress))
         result = self.compute(run)
         key = self._key([run.inputs[s] for s in self.setups])

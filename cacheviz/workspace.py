@@ -67,7 +67,7 @@ class Workspace:
     def _feature_meta(self, part: str, idx: torch.Tensor, layer: str, flip: bool) -> dict:
         dims = {i.name: i.dim for i in list_layers(self.spec)}
         pd = self.setup.project_dim
-        projected = bool(pd and dims[layer] > pd)
+        projected = bool(pd and dims[layer] > pd and layer != "logits")
         return {
             "kind": "features",
             "dataset": self.ds.fingerprint,
@@ -87,7 +87,7 @@ class Workspace:
     def feature_bytes(self, n_items: int, layers: list[str], flip: bool = False) -> int:
         dims = {i.name: i.dim for i in list_layers(self.spec)}
         pd = self.setup.project_dim
-        d = sum(min(dims[name], pd) if pd else dims[name] for name in layers)
+        d = sum(min(dims[name], pd) if pd and name != "logits" else dims[name] for name in layers)
         return 4 * d * n_items * (2 if flip else 1)
 
     def feature_device(self, n_bytes: int) -> torch.device:

@@ -10,6 +10,7 @@ WIDGETS = {
     "train_limit": "Cache size", "test_limit": None, "val_from_train": None, "val_fraction": None, "grid": None,
     "project_dim": "Projection dimension D", "batch_size": None, "seed": None, "fractions": "Cache sizes",
     "seeds": "Seeds", "combine_top": "Cache3 candidates", "theta": "θ", "lam": "λ",
+    "data_dir": "The data directory (CACHEVIZ_DATA_DIR)",
 }
 
 
