@@ -175,6 +175,9 @@ def _limited(labels: torch.Tensor, limit: int | None, n_classes: int, what: str,
     if int(limit) < n_classes:
         raise CachevizError(f"too small to hold one {what} item per class", f"give at least {n_classes}",
                             "leave it unset", param=param, value=limit)
+    if int(limit) > len(labels):
+        raise CachevizError(f"there are only {len(labels)} {what} items", f"give at most {len(labels)}",
+                            "leave it unset for all of them", param=param, value=limit)
     return balanced_subset(labels, int(limit), seed)
 
 
@@ -319,6 +322,21 @@ def dataset_fingerprint(name: str, data_dir: str | os.PathLike, max_age: float =
     fp = _fingerprint(key)
     _FP_MEMO[memo_key] = (time.monotonic(), fp)
     return fp
+
+
+# Classes of the datasets torchvision downloads, known before any download.
+_TORCHVISION_CLASSES = {"cifar10": 10, "cifar100": 100, "mnist": 10, "fashion-mnist": 10}
+
+
+def class_count(name: str, data_dir: str | os.PathLike) -> int:
+    """How many classes `load_dataset(name, data_dir)` would give, found without decoding."""
+    canonical = canonical_name(name)
+    if canonical == "digits":
+        return 10
+    root = _folder_root(canonical, Path(data_dir).expanduser())
+    if root is not None:
+        return len(_folder_source(canonical, root)[1])
+    return _TORCHVISION_CLASSES[canonical]
 
 
 def _fingerprint(meta: dict[str, Any]) -> str:

@@ -30,6 +30,10 @@ class CachevizError(ValueError):
         self.value = value
         super().__init__(self.render())
 
+    def __reduce__(self):
+        # pickled whole (e.g. from a worker process), not as the rendered sentence
+        return (_rebuild, (self.problem, self.fixes, self.param, self.value))
+
     def render(self, names: Mapping[str, str | None] | None = None, values: Mapping[str, Any] | None = None) -> str:
         """The sentence with parameters named by `names` (engine names when None).
 
@@ -74,3 +78,7 @@ class CachevizError(ValueError):
         if isinstance(shown, (list, tuple)):
             shown = ",".join(map(str, shown))
         return f"{label} {shown}" if label.startswith("-") else f"{label} ({shown})"
+
+
+def _rebuild(problem, fixes, param, value) -> CachevizError:
+    return CachevizError(problem, *fixes, param=param, value=value)

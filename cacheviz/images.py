@@ -26,6 +26,8 @@ MAX_PIXELS = 50_000_000
 MAX_BYTES = 10 * 2**20
 # Decoded images are shrunk to at most this side: the models take 8x8 to 224x224 inputs.
 MAX_SIDE = 1024
+# Smaller than this on a side, an upload holds nothing a classifier can see.
+MIN_SIDE = 4
 
 _KINDS = "png, jpg, webp, bmp, gif or tiff"
 
@@ -86,8 +88,8 @@ def _formats() -> tuple[str, ...]:
 
 def _check_size(im: Image.Image, name: str) -> None:
     w, h = im.size
-    if w < 1 or h < 1:
-        raise CachevizError(f"{name} has no pixels ({w}x{h}); upload a real image.")
+    if min(w, h) < MIN_SIDE:
+        raise CachevizError(f"{name} is only {w}x{h} pixels", f"upload a picture at least {MIN_SIDE}x{MIN_SIDE}")
     if w * h > MAX_PIXELS:
         raise CachevizError(
             f"{name} is {w}x{h} pixels, too many to decode safely; upload an image under "

@@ -21,7 +21,7 @@ import torch
 from .cache import CacheMemory, SimilarityBlock, combine
 from .errors import CachevizError
 from .features import extract, make_keys, resolve_layers
-from .progress import ProgressFn
+from .progress import ProgressFn, Reporter, Stage
 
 
 @dataclass
@@ -111,6 +111,17 @@ def build_index(ws, layers: Sequence[str] | None = None, progress: ProgressFn | 
     if order is not None:
         train_idx, flipped = train_idx[order.cpu()], flipped[order.cpu()]
     return CacheIndex(layers, memory, train_idx, flipped, list(ws.ds.classes))
+
+
+def store_cache_features(setup, data_dir, device, progress: Reporter) -> None:
+    """Extract (or find) the features of `setup`'s test-time cache items in the store, so
+    `build_index` only loads them. A module-level function: it runs in the app's worker."""
+    from .workspace import prepare
+
+    progress.stage(Stage.LOAD)
+    ws = prepare(setup, data_dir, device, progress=progress.step)
+    progress.stage(Stage.TRAIN_FEATURES)
+    ws.features("train", ws.split.cache_test_idx, ws.layers, flip=setup.flip, progress=progress.step)
 
 
 def as_batch(image: np.ndarray | torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,7 @@ import torch
 from . import store
 from .cache import CacheMemory
 from .config import Setup
-from .data import Dataset, Split, load_dataset, make_split
+from .data import Dataset, Split, class_count, load_dataset, make_split
 from .errors import CachevizError
 from .features import extract, list_layers, make_keys, resolve_layers
 from .models import ModelSpec, load_model
@@ -29,6 +29,8 @@ from .tuning import accuracy
 WRITE_BYTES_PER_S = 1e9
 # Share of a GPU's free memory one study's features may take before they live on the host.
 DEVICE_FEATURE_SHARE = 0.5
+# Larger batches buy no speed and can exhaust memory (a whole dataset's activations at once).
+MAX_BATCH = 4096
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
@@ -148,18 +150,20 @@ def prepare(
     progress: ProgressFn | None = None,
 ) -> Workspace:
     """Load data and model and check they fit together."""
-    if batch_size < 1:
-        raise CachevizError("give a positive whole number", param="batch_size", value=batch_size)
+    if not 1 <= batch_size <= MAX_BATCH:
+        raise CachevizError(f"give a whole number from 1 to {MAX_BATCH}", param="batch_size", value=batch_size)
     data_dir = Path(data_dir)
     dev = resolve_device(device)
-    ds = load_dataset(setup.dataset, data_dir, progress=progress)
     spec = load_model(setup.model, data_dir, checkpoint=setup.checkpoint, progress=progress)
-    if spec.classes is not None and len(spec.classes) != len(ds.classes):
+    # checked from the listing, before decoding writes anything for a dataset that cannot serve
+    n_classes = class_count(setup.dataset, data_dir)
+    if spec.classes is not None and len(spec.classes) != n_classes:
         raise CachevizError(
-            f"{spec.name} predicts {len(spec.classes)} classes but {setup.dataset} has {len(ds.classes)}",
+            f"{spec.name} predicts {len(spec.classes)} classes but {setup.dataset} has {n_classes}",
             f"choose a model trained on {setup.dataset}", "pass {checkpoint} with one",
             param="model", value=setup.model,
         )
+    ds = load_dataset(setup.dataset, data_dir, progress=progress)
     layers = resolve_layers(spec, list(setup.layers) or None)
     split = make_split(
         ds, seed=setup.seed, val_from_train=setup.val_from_train, val_fraction=setup.val_fraction,

@@ -53,7 +53,8 @@ def queries_from_files(files):
     good = []
     for f in files:
         try:
-            good.append((f.name, ui.decode(f.getvalue(), f.name)))
+            name = ui.upload_name(f.name)
+            good.append((name, ui.decode(f.getvalue(), name)))
         except CachevizError as exc:
             st.warning(str(exc), icon=":material/broken_image:")
     return good

@@ -74,3 +74,6 @@ def env(app_dir, monkeypatch):
 def _no_env_data_dir(monkeypatch):
     monkeypatch.delenv("CACHEVIZ_DATA_DIR", raising=False)
     os.environ.setdefault("OMP_NUM_THREADS", "2")
+    # AppTest runs the app in this process: its jobs run in threads here, where tests can patch
+    # the engine; the real-server tests (browser, load) use worker processes as the app does.
+    monkeypatch.setenv("CACHEVIZ_WORKERS", "0")

@@ -57,7 +57,7 @@ def server(tmp_path):
     pytest.importorskip("playwright.sync_api", reason="the Python package playwright is missing (pip install playwright)")
     port = _free_port()
     data = tmp_path / "data"
-    env = dict(os.environ, CACHEVIZ_DATA_DIR=str(data), PYTHONUNBUFFERED="1")
+    env = dict(os.environ, CACHEVIZ_DATA_DIR=str(data), PYTHONUNBUFFERED="1", CACHEVIZ_WORKERS="1")
     log = open(tmp_path / "streamlit.log", "w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true",

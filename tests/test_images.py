@@ -215,7 +215,7 @@ def test_oversized_file_is_refused():
 def test_a_bad_upload_leaves_decoding_of_good_ones_intact():
     with pytest.raises(CachevizError):
         decode_upload(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40, "bad.png")
-    good = decode_upload(_save(Image.new("RGB", (3, 3), (9, 9, 9)), "PNG"), "good.png")
+    good = decode_upload(_save(Image.new("RGB", (5, 5), (9, 9, 9)), "PNG"), "good.png")
     assert tuple(good[1, 1]) == (9, 9, 9)
     from PIL import ImageFile
 

@@ -12,7 +12,7 @@ from cacheviz.ui.messages import message
 
 def _wait(job, timeout=5.0):
     end = time.time() + timeout
-    while job.state == "running" and time.time() < end:
+    while job.active and time.time() < end:
         time.sleep(0.02)
     return job
 
@@ -91,3 +91,58 @@ def test_finished_jobs_are_forgotten_beyond_the_limit():
     assert all(j.state == "done" for j in done)
     board.start(("last",), "last", lambda job: None, threading.Lock())
     assert board.get((0,)) is None and board.get((5,)) is not None
+
+
+# ---------------------------------------------------------------------------------------------
+# Worker processes: picklable module-level tasks, run by spawned workers
+
+
+def _sleepy(seconds, job):
+    job.stage("sleeping")
+    time.sleep(seconds)
+
+
+def _killed(job):
+    import os
+    import signal
+
+    job.stage("about to die")
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _bad_layer(data_dir, job):
+    from cacheviz.config import Setup
+    from cacheviz.experiment import Evaluate
+
+    Evaluate(Setup(layers=("layer9",))).run(data_dir, "cpu", job)
+
+
+def test_worker_processes_serve_one_line_first_come_first_served(tmp_path):
+    import functools
+
+    board = JobBoard(render=message, workers=1)
+    jobs = [board.start((f"j{i}",), f"j{i}", functools.partial(_sleepy, 1.0)) for i in range(3)]
+    deadline = time.time() + 60
+    while jobs[0].state != "running" and time.time() < deadline:
+        time.sleep(0.05)
+    assert [j.state for j in jobs] == ["running", "queued", "queued"]
+    assert [j.snapshot()["ahead"] for j in jobs[1:]] == [1, 2]
+    # asking again for a queued job follows it
+    assert board.start(("j2",), "j2", functools.partial(_sleepy, 1.0)) is jobs[2]
+    for j in jobs:
+        assert _wait(j, 60).state == "done", j.error
+    assert jobs[0].seconds < jobs[1].seconds < jobs[2].seconds
+    assert [n for n, _ in jobs[1].snapshot()["finished"]] == ["sleeping"]
+
+
+def test_a_worker_that_dies_fails_its_job_and_is_replaced(tmp_path, data_dir):
+    import functools
+
+    board = JobBoard(render=message, workers=1)
+    dead = _wait(board.start(("dead",), "dead", _killed), 60)
+    assert dead.state == "failed" and "stopped unexpectedly" in dead.error
+    bad = _wait(board.start(("bad",), "bad", functools.partial(_bad_layer, str(data_dir))), 120)
+    assert bad.state == "failed"
+    assert bad.error.startswith("Key layers (layer9): digits-cnn has no layer 'layer9'")  # rendered for the app
+    ok = _wait(board.start(("ok",), "ok", functools.partial(_sleepy, 0.1)), 60)
+    assert ok.state == "done"

@@ -12,7 +12,7 @@ Pages read widgets, build a study, look it up or run it through `panels`, and dr
 the names re-exported here.
 """
 from .jobs import Job, JobBoard
-from .messages import WIDGETS, message
+from .messages import WIDGETS, markdown_text, message, upload_name
 from .nav import ensure_entrypoint, entrypoint_started, page_config, pages
 from .panels import build_panel, experiment_page, guard, index_job, load_index, show_problem, study_panel
 from .resources import decode, image_key, picks, query, result_tag, thumbnails, workspace
@@ -25,7 +25,7 @@ from .tables import (export_buttons, layer_table, parse_numbers, pct, size_summa
                      table1_wide)
 
 __all__ = [
-    "Job", "JobBoard", "WIDGETS", "message", "ensure_entrypoint", "entrypoint_started", "page_config", "pages",
+    "Job", "JobBoard", "WIDGETS", "message", "markdown_text", "upload_name", "ensure_entrypoint", "entrypoint_started", "page_config", "pages",
     "build_panel", "experiment_page", "guard", "index_job", "load_index", "show_problem", "study_panel", "decode", "image_key",
     "picks", "query", "result_tag", "thumbnails", "workspace", "CIFAR", "CUSTOM", "DATASETS", "K_DATASET",
     "K_DEVICE", "K_FLIP", "K_FRACTION", "K_LAYERS", "K_MODEL", "K_PRESET", "MODELS", "OFFLINE", "PRESETS",

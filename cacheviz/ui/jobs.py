@@ -1,9 +1,12 @@
-"""The job board: long work in background threads, one job per request, watched by any session.
+"""The job board: long work off the server's threads, one job per request, watched by any session.
 
-Pure Python (no Streamlit), so it is unit-tested with real threads. A `Job` is the study's
-progress reporter (`stage`, `step`); the app draws its snapshots. A second session asking for
-the same work follows the running job instead of starting another; a page switch does not
-stop it; finished jobs stay listed (the newest `keep`) so late visitors see how they ended.
+Pure Python (no Streamlit), so it is unit-tested on its own with real threads and processes. A
+`Job` is the study's progress reporter (`stage`, `step`); the app draws its snapshots. A second
+session asking for the same work follows the job already queued or running instead of starting
+another; a page switch does not stop it; finished jobs stay listed (the newest `keep`) so late
+visitors see how they ended. With `workers` >= 1 jobs wait in one first-come-first-served line
+for that many worker processes (`worker.py`) and each sees its place in the line; with 0 each
+runs in a thread of this process (tests).
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ from typing import Any, Callable
 
 from ..errors import CachevizError
 from ..progress import Stage
+from .worker import ProcessRunner, next_id
 
 log = logging.getLogger("cacheviz.app")
 
@@ -28,23 +32,41 @@ class Job:
 
     key: tuple
     title: str
-    state: str = "running"  # running | done | failed
+    state: str = "queued"  # queued | running | done | failed
     stage_name: str = ""
     detail: str = ""
     done: int = 0
     total: int = 1
+    ahead: int = 0  # while queued: jobs before it in the line (running ones included)
     t0: float = field(default_factory=time.time)
     stage_t0: float = field(default_factory=time.time)
-    finished: list = field(default_factory=list)  # [(stage, seconds)]
+    finished_stages: list = field(default_factory=list)  # [(stage, seconds)]
     error: str | None = None
     seconds: float | None = None
+    id: int = field(default_factory=next_id)
+    finished: threading.Event = field(default_factory=threading.Event, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def active(self) -> bool:
+        return self.state in ("queued", "running")
+
+    def queued(self, ahead: int) -> None:
+        with self._lock:
+            if self.state == "queued":
+                self.ahead = int(ahead)
+
+    def started(self) -> None:
+        now = time.time()
+        with self._lock:
+            if self.state == "queued":
+                self.state, self.ahead, self.stage_t0 = "running", 0, now
 
     def stage(self, name: str) -> None:
         now = time.time()
         with self._lock:
             if self.stage_name and self.stage_name != name:
-                self.finished.append((self.stage_name, now - self.stage_t0))
+                self.finished_stages.append((self.stage_name, now - self.stage_t0))
             if self.stage_name != name:
                 self.stage_name, self.stage_t0 = name, now
             self.detail, self.done, self.total = "", 0, 1
@@ -56,34 +78,40 @@ class Job:
     def finish(self, error: str | None = None) -> None:
         now = time.time()
         with self._lock:
+            if not self.active:
+                return
             if self.stage_name and error is None:
-                self.finished.append((self.stage_name, now - self.stage_t0))
+                self.finished_stages.append((self.stage_name, now - self.stage_t0))
                 self.stage_name = ""
             self.error = error
             self.seconds = now - self.t0
             self.state = "failed" if error else "done"
+        self.finished.set()
 
     def snapshot(self) -> dict:
         with self._lock:
             now = time.time()
             return dict(
                 state=self.state, stage=self.stage_name, detail=self.detail, done=self.done, total=self.total,
-                elapsed=now - self.t0, stage_elapsed=now - self.stage_t0, finished=list(self.finished),
-                error=self.error, seconds=self.seconds, title=self.title,
+                ahead=self.ahead, elapsed=now - self.t0, stage_elapsed=now - self.stage_t0,
+                finished=list(self.finished_stages), error=self.error, seconds=self.seconds, title=self.title,
             )
 
 
 class JobBoard:
-    """At most one running job per key; the newest `keep` finished jobs stay listed.
+    """At most one queued or running job per key; the newest `keep` finished jobs stay listed.
 
     `render(exc)` words a `CachevizError` for the front end (the app names its widgets).
+    `workers` >= 1: jobs run in that many worker processes, first come first served, and a
+    task must be picklable (a study's bound `run`, a module-level function); 0: in threads here.
     """
 
-    def __init__(self, render: Callable[[CachevizError], str] = str, keep: int = 64):
+    def __init__(self, render: Callable[[CachevizError], str] = str, keep: int = 64, workers: int = 0):
         self._jobs: dict[tuple, Job] = {}
         self._lock = threading.Lock()
         self.render = render
         self.keep = keep
+        self.runner = ProcessRunner(workers, render, OUT_OF_MEMORY) if workers > 0 else None
 
     def get(self, key: tuple) -> Job | None:
         with self._lock:
@@ -91,29 +119,38 @@ class JobBoard:
 
     def running(self) -> list[Job]:
         with self._lock:
-            return [j for j in self._jobs.values() if j.state == "running"]
+            return [j for j in self._jobs.values() if j.active]
 
-    def start(self, key: tuple, title: str, work: Callable[[Job], Any], lock: threading.Lock) -> Job:
-        """Start `work(job)` under `lock` unless a job with `key` is already running."""
+    def start(self, key: tuple, title: str, task: Callable[[Job], Any], lock: threading.Lock | None = None) -> Job:
+        """Start `task(job)` unless a job with `key` is queued or running (then that one is returned).
+
+        In threads, `lock` keeps jobs that must not overlap apart; in worker processes the
+        line does (one job per worker at a time).
+        """
         with self._lock:
             job = self._jobs.get(key)
-            if job is not None and job.state == "running":
+            if job is not None and job.active:
                 return job
             job = Job(key, title)
             self._jobs[key] = job
-            finished = [k for k, j in self._jobs.items() if j.state != "running"]
+            finished = [k for k, j in self._jobs.items() if not j.active]
             for k in finished[: max(0, len(self._jobs) - self.keep)]:
                 del self._jobs[k]
-        threading.Thread(target=self._run, args=(job, work, lock), name=f"cacheviz-{title}", daemon=True).start()
+        if self.runner is not None:
+            self.runner.submit(job, task)
+        else:
+            threading.Thread(target=self._run, args=(job, task, lock or threading.Lock()),
+                             name=f"cacheviz-{title}", daemon=True).start()
         return job
 
-    def _run(self, job: Job, work: Callable[[Job], Any], lock: threading.Lock) -> None:
+    def _run(self, job: Job, task: Callable[[Job], Any], lock: threading.Lock) -> None:
         try:
             if not lock.acquire(blocking=False):
                 job.stage(Stage.WAITING)
                 lock.acquire()
+            job.started()
             try:
-                work(job)
+                task(job)
             finally:
                 lock.release()
             job.finish()

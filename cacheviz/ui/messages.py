@@ -14,6 +14,23 @@ WIDGETS = {
 }
 
 
+_MARKDOWN = set("\\`*_{}[]<>()#+-.!|~$:")
+
+
+def markdown_text(text: str) -> str:
+    """`text` shown literally where Streamlit renders Markdown (labels, captions, messages)."""
+    return "".join("\\" + c if c in _MARKDOWN else c for c in text)
+
+
+def upload_name(name: str, most: int = 60) -> str:
+    """A user's file name for display: no folders, no control characters, short, Markdown-safe."""
+    base = str(name or "upload").replace("\\", "/").rsplit("/", 1)[-1]
+    base = "".join(c for c in base if c.isprintable()).strip() or "upload"
+    if len(base) > most:
+        base = base[: most - 1] + "…"
+    return markdown_text(base)
+
+
 def message(exc: BaseException | str) -> str:
     """One sentence for the user of the app."""
     if isinstance(exc, CachevizError):

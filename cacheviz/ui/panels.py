@@ -2,6 +2,7 @@
 runs, its stages, progress bar, elapsed time and ETA; and errors as one sentence each."""
 from __future__ import annotations
 
+import functools
 import logging
 import time
 import traceback
@@ -11,7 +12,7 @@ from typing import Any
 
 import streamlit as st
 
-from .. import retrieval, workspace as engine_ws
+from .. import retrieval
 from ..errors import CachevizError
 from ..experiment import Evaluate
 from ..progress import Stage
@@ -72,6 +73,11 @@ def _draw_snapshot(snap: dict, stages: tuple[str, ...]) -> None:
             lines.append(f":gray[:material/radio_button_unchecked: {name}]")
     if snap["stage"] and snap["stage"] not in stages:  # e.g. waiting for another build
         lines.append(f":blue[:material/hourglass_top:] {snap['stage']}")
+    if snap["state"] == "queued":
+        ahead = snap["ahead"]
+        lines.insert(0, f":blue[:material/hourglass_top:] **In line** — {ahead} job{'s' if ahead != 1 else ''} "
+                        f"ahead of this one (one runs at a time, first come, first served); waiting "
+                        f"{_fmt_s(snap['elapsed'])}")
     st.markdown("  \n".join(lines))
     if snap["state"] == "running":
         frac = min(max(snap["done"] / snap["total"], 0.0), 1.0)
@@ -88,7 +94,7 @@ def show_progress(job: Job, stages: tuple[str, ...]) -> None:
     """The job's stages and progress, redrawn every second on its own; when the job ends, the
     whole page runs again and shows the result."""
     snap = job.snapshot()
-    if snap["state"] != "running":
+    if snap["state"] not in ("queued", "running"):
         st.rerun()
     _draw_snapshot(snap, stages)
 
@@ -117,7 +123,8 @@ def start(study, choice: Choice, lock_key: Any = None) -> Job:
     """Run `study` in the background on the shared board (a running twin is followed instead)."""
     where, device = choice.data_dir, choice.device
     lock = locks()(lock_key) if lock_key is not None else setup_lock(choice.setup, where)
-    return jobs().start(job_key(study, where), study.title, lambda job: study.run(where, device, job), lock)
+    # a bound method and plain arguments: picklable, so it can run in a worker process
+    return jobs().start(job_key(study, where), study.title, functools.partial(study.run, str(where), device), lock)
 
 
 def study_panel(study, choice: Choice, key: str, label: str, refusal: str | None = None, note: str | None = None,
@@ -131,7 +138,7 @@ def study_panel(study, choice: Choice, key: str, label: str, refusal: str | None
     if result is not None:
         return result
     job = jobs().get(job_key(study, choice.data_dir))
-    if job is not None and job.state == "running":
+    if job is not None and job.active:
         show_progress(job, study.stages)  # also when another session started it
         return None
     if refusal:
@@ -183,14 +190,8 @@ def start_index_job(choice: Choice, layers: tuple[str, ...] = ()) -> Job:
     """
     key, setup = _index_key(choice, layers)
     where, device = choice.data_dir, choice.device
-
-    def work(job: Job) -> None:
-        job.stage(Stage.LOAD)
-        ws = engine_ws.prepare(setup, where, device, progress=job.step)
-        job.stage(Stage.TRAIN_FEATURES)
-        ws.features("train", ws.split.cache_test_idx, ws.layers, flip=setup.flip, progress=job.step)
-
-    return jobs().start(key, f"keys {','.join(layers or choice.layers)}", work, setup_lock(setup, where))
+    task = functools.partial(retrieval.store_cache_features, setup, str(where), device)
+    return jobs().start(key, f"keys {','.join(layers or choice.layers)}", task, setup_lock(setup, where))
 
 
 def load_index(choice: Choice, result: dict, layers: tuple[str, ...] = (), key: str = "index"
@@ -207,10 +208,10 @@ def load_index(choice: Choice, result: dict, layers: tuple[str, ...] = (), key: 
     if job is None:
         job = start_index_job(choice, layers)
         for _ in range(20):  # keys already in the store load in a moment: spare the page a flash of progress
-            if job.state != "running":
+            if not job.active:
                 break
             time.sleep(0.1)
-    if job.state == "running":
+    if job.active:
         show_progress(job, INDEX_STAGES)
         return None
     if job.state == "failed":

@@ -9,6 +9,7 @@ features at once.
 from __future__ import annotations
 
 import hashlib
+import os
 import threading
 from pathlib import Path
 
@@ -29,9 +30,18 @@ def locks() -> Locks:
     return Locks()
 
 
+def workers() -> int:
+    """Worker processes for builds and sweeps: `CACHEVIZ_WORKERS` (default 1; 0 runs them in
+    threads of the server, as the in-process tests do)."""
+    try:
+        return max(0, int(os.environ.get("CACHEVIZ_WORKERS", "1")))
+    except ValueError:
+        return 1
+
+
 @st.cache_resource(show_spinner=False)
 def jobs() -> JobBoard:
-    return JobBoard(render=message)
+    return JobBoard(render=message, workers=workers())
 
 
 def setup_lock(setup: Setup, where: Path | str) -> threading.Lock:

@@ -1,0 +1,297 @@
+"""A classroom in a box: one real `streamlit run app.py` server and N headless-Chromium sessions.
+
+    python benchmarks/load.py --n 30 [--update-readme]
+
+Every session opens the home page on the offline preset; all click *Build cache* within one
+second of each other, wait for the results, open *Neighbours*, upload an image, wait for its
+gallery and move the θ slider. Recorded: time from the clicks to each session's results (and
+to one session's alone, on a fresh data directory, as the yardstick), `/_stcore/health`
+latency every 0.25 s throughout, the server's peak memory (its process and children), and any
+exception or traceback shown in a page or written to the server log. Localhost only; every
+wait is bounded. `tests/test_load.py` runs it with N = 8 (`python -m pytest -m load`).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--no-first-run", "--disable-sync", "--disable-dev-shm-usage"]
+GOALS = {"slowdown": 1.5, "health_p95_s": 1.0}
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def health_url(port: int) -> str:
+    return f"http://127.0.0.1:{port}/_stcore/health"
+
+
+def start_server(data_dir: Path, port: int, log_path: Path, extra: list[str] = ()) -> subprocess.Popen:
+    env = dict(os.environ, CACHEVIZ_DATA_DIR=str(data_dir), PYTHONUNBUFFERED="1", CACHEVIZ_WORKERS="1")
+    log = open(log_path, "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true",
+         "--server.port", str(port), "--server.address", "127.0.0.1", *extra],
+        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    end = time.time() + 90
+    while time.time() < end:
+        if proc.poll() is not None:
+            raise RuntimeError(f"streamlit exited with code {proc.returncode}; see {log_path}")
+        try:
+            with urllib.request.urlopen(health_url(port), timeout=1) as r:
+                if r.status == 200:
+                    return proc
+        except OSError:
+            time.sleep(0.25)
+    stop_server(proc)
+    raise TimeoutError("streamlit did not answer within 90 s")
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(5)
+
+
+def _tree_rss_mb(pid: int) -> float:
+    """Resident memory of a process and all its descendants (MB), from /proc."""
+    total, todo, seen = 0, [pid], set()
+    while todo:
+        p = todo.pop()
+        if p in seen:
+            continue
+        seen.add(p)
+        try:
+            status = Path(f"/proc/{p}/status").read_text()
+            total += int(re.search(r"VmRSS:\s+(\d+)", status).group(1))
+            for task in Path(f"/proc/{p}/task").iterdir():
+                kids = (task / "children").read_text().split()
+                todo.extend(int(k) for k in kids)
+        except (OSError, AttributeError, ValueError):
+            continue
+    return total / 1024
+
+
+class Monitor(threading.Thread):
+    """Probes the health endpoint every 0.25 s (5 s timeout) and samples the server's memory."""
+
+    def __init__(self, port: int, pid: int):
+        super().__init__(daemon=True)
+        self.port, self.pid = port, pid
+        self.latencies: list[float | None] = []
+        self.rss_mb: list[float] = []
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            t0 = time.perf_counter()
+            try:
+                with urllib.request.urlopen(health_url(self.port), timeout=5) as r:
+                    ok = r.status == 200
+            except OSError:
+                ok = False
+            self.latencies.append(time.perf_counter() - t0 if ok else None)
+            self.rss_mb.append(_tree_rss_mb(self.pid))
+            self.stop.wait(max(0.0, 0.25 - (time.perf_counter() - t0)))
+
+    def summary(self) -> dict:
+        ok = sorted(x for x in self.latencies if x is not None)
+        failed = sum(x is None for x in self.latencies)
+        # a failed probe counts as slower than any answer
+        ranked = ok + [float("inf")] * failed
+        p95 = ranked[min(len(ranked) - 1, int(0.95 * len(ranked)))] if ranked else None
+        return {"probes": len(self.latencies), "failed": failed, "p50_s": statistics.median(ok) if ok else None,
+                "p95_s": p95, "max_s": ok[-1] if ok else None, "peak_rss_mb": max(self.rss_mb, default=0.0)}
+
+
+def digit_png(path: Path) -> Path:
+    import numpy as np
+    from PIL import Image
+
+    a = np.full((200, 160, 3), 250, np.uint8)
+    a[30:50, 30:130] = 15
+    for i in range(120):
+        x = 125 - i * 60 // 120
+        a[50 + i, x - 10: x + 10] = 15
+    Image.fromarray(a).save(path)
+    return path
+
+
+async def _session(i: int, browser, url: str, barrier: asyncio.Barrier, png: Path, out: dict, timeout_ms: int):
+    rec = out[i] = {"errors": []}
+    ctx = await browser.new_context(viewport={"width": 1280, "height": 1600})
+    page = await ctx.new_page()
+    page.on("pageerror", lambda e: rec["errors"].append(f"page error: {e}"))
+    try:
+        await page.goto(url, timeout=timeout_ms)
+        build = page.get_by_role("button", name="Build cache")
+        await build.wait_for(timeout=timeout_ms)
+        await barrier.wait()
+        rec["click"] = time.perf_counter()
+        await build.click(timeout=timeout_ms)
+        await page.get_by_text("Network alone").wait_for(timeout=timeout_ms)
+        rec["results"] = time.perf_counter()
+        await page.get_by_role("link", name="Neighbours").first.click(timeout=timeout_ms)
+        await page.get_by_text("nearest stored images").wait_for(timeout=timeout_ms)
+        await page.get_by_text("Upload", exact=True).click(timeout=timeout_ms)
+        await page.locator('input[type="file"]').set_input_files(str(png), timeout=timeout_ms)
+        await page.get_by_text(f"{png.name} (160×200)").wait_for(timeout=timeout_ms)
+        mass = page.get_by_text("of the similarity mass").first
+        await mass.wait_for(timeout=timeout_ms)
+        rec["gallery"] = time.perf_counter()
+        before = await mass.inner_text()
+        slider = page.locator('[data-testid="stSlider"]', has_text="sharpness").get_by_role("slider")
+        await slider.focus()
+        for _ in range(6):
+            await page.keyboard.press("ArrowRight")
+        end = time.perf_counter() + timeout_ms / 1000
+        while (await page.get_by_text("of the similarity mass").first.inner_text()) == before:
+            if time.perf_counter() > end:
+                raise TimeoutError("the θ slider did not change the gallery")
+            await asyncio.sleep(0.2)
+        rec["slider"] = time.perf_counter()
+    except Exception as exc:  # recorded, not raised: the other sessions go on
+        rec["errors"].append(f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+    finally:
+        try:
+            shown = await page.locator('[data-testid="stException"]').count()
+            if shown:
+                rec["errors"].append(f"{shown} exception box(es) shown")
+            if await page.get_by_text("Traceback").count():
+                rec["errors"].append("a traceback was shown")
+        except Exception:
+            pass
+        await ctx.close()
+
+
+async def _drive(n: int, url: str, png: Path, timeout_s: float) -> dict:
+    from playwright.async_api import async_playwright
+
+    out: dict[int, dict] = {}
+    async with async_playwright() as p:
+        browser = await p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            barrier = asyncio.Barrier(n)
+            await asyncio.wait_for(
+                asyncio.gather(*(_session(i, browser, url, barrier, png, out, int(timeout_s * 1000))
+                                 for i in range(n))),
+                timeout=timeout_s * 3)
+        finally:
+            await browser.close()
+    return out
+
+
+def run_load(n: int, data_dir: Path | None = None, timeout_s: float = 300, server_args: list[str] = ()) -> dict:
+    """One server on a fresh data directory, N sessions; returns what was measured."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        data_dir = data_dir or tmp / "data"
+        port = free_port()
+        log_path = tmp / "streamlit.log"
+        proc = start_server(data_dir, port, log_path, list(server_args))
+        mon = Monitor(port, proc.pid)
+        try:
+            mon.start()
+            sessions = asyncio.run(_drive(n, f"http://127.0.0.1:{port}/", digit_png(tmp / "seven.png"), timeout_s))
+        finally:
+            mon.stop.set()
+            mon.join(10)
+            stop_server(proc)
+        log = log_path.read_text()
+    clicks = [s["click"] for s in sessions.values() if "click" in s]
+    results = [s["results"] - min(clicks) for s in sessions.values() if "results" in s]
+    own = [s["results"] - s["click"] for s in sessions.values() if "results" in s]
+    errors = [e for s in sessions.values() for e in s["errors"]]
+    if "Traceback" in log:
+        errors.append("a traceback in the server log")
+    return {
+        "n": n, "with_results": len(results), "click_spread_s": (max(clicks) - min(clicks)) if clicks else None,
+        "last_results_s": max(results) if len(results) == n else None,
+        "median_results_s": statistics.median(own) if own else None,
+        "galleries": sum("gallery" in s for s in sessions.values()),
+        "sliders": sum("slider" in s for s in sessions.values()),
+        "health": mon.summary(), "errors": errors,
+        "server_log_tail": log[-2000:] if errors else "",
+    }
+
+
+def measure(n: int, timeout_s: float = 300, server_args: list[str] = ()) -> dict:
+    """One session alone (the yardstick), then N at once; each on a fresh data directory."""
+    alone = run_load(1, timeout_s=timeout_s, server_args=server_args)
+    crowd = run_load(n, timeout_s=timeout_s, server_args=server_args)
+    ratio = (crowd["last_results_s"] / alone["last_results_s"]
+             if crowd["last_results_s"] and alone["last_results_s"] else None)
+    return {"alone": alone, "crowd": crowd, "slowdown": ratio, "goals": GOALS,
+            "measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpus": os.cpu_count()}
+
+
+def table(res: dict) -> str:
+    a, c, h = res["alone"], res["crowd"], res["crowd"]["health"]
+    fmt = lambda x, unit="s": "—" if x is None else (f"{x:.2f} {unit}" if x != float("inf") else "no answer")  # noqa: E731
+    return "\n".join([
+        "| classroom load | measured | goal |",
+        "|---|---|---|",
+        f"| sessions with results | {c['with_results']} of {c['n']} (clicks within {fmt(c['click_spread_s'])}) "
+        f"| all |",
+        f"| clicks to the last session's results | {fmt(c['last_results_s'])} against {fmt(a['last_results_s'])} "
+        f"for one session alone: {res['slowdown']:.2f}x | <= {GOALS['slowdown']}x |" if res["slowdown"] else
+        "| clicks to the last session's results | not all sessions got results | |",
+        f"| `/_stcore/health` during the run | p50 {fmt(h['p50_s'])}, p95 {fmt(h['p95_s'])}, max {fmt(h['max_s'])}, "
+        f"{h['failed']} of {h['probes']} probes unanswered in 5 s | p95 <= {GOALS['health_p95_s']:.0f} s |",
+        f"| galleries of the upload, θ slider moved | {c['galleries']} and {c['sliders']} of {c['n']} | all |",
+        f"| server memory (process and children), peak | {h['peak_rss_mb']:.0f} MB | bounded |",
+        f"| exceptions or tracebacks shown | {len(c['errors'])} | 0 |",
+    ])
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=30)
+    ap.add_argument("--timeout", type=float, default=300, help="seconds any one wait may take")
+    ap.add_argument("--update-readme", action="store_true")
+    ap.add_argument("--server-arg", action="append", default=[], help="extra `streamlit run` option (repeatable)")
+    args = ap.parse_args(argv)
+    res = measure(args.n, args.timeout, args.server_arg)
+    out = REPO / "benchmarks" / "results" / f"load-{args.n}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=2))
+    md = table(res)
+    print(md)
+    for e in res["crowd"]["errors"][:10]:
+        print("error:", e)
+    if args.update_readme:
+        readme = REPO / "README.md"
+        text = readme.read_text()
+        start, end = "<!-- load:start -->", "<!-- load:end -->"
+        if start in text and end in text:
+            head, rest = text.split(start, 1)
+            readme.write_text(f"{head}{start}\n{md}\n{end}{rest.split(end, 1)[1]}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

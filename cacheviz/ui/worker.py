@@ -1,0 +1,186 @@
+"""Compute outside the server: worker processes fed from one first-come-first-served line.
+
+Pure Python (no Streamlit). The server process only serves pages; a build, a sweep or a key
+extraction runs in a spawned worker, so its Python loops never hold the server's GIL, and a
+worker that dies (killed, out of memory) fails its job with one sentence and is replaced,
+while the server goes on. Progress comes back over a queue as `(job id, kind, payload)`.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import multiprocessing as mp
+import os
+import queue
+import sys
+import threading
+import time
+import traceback
+from collections import deque
+from typing import Any, Callable
+
+from ..errors import CachevizError
+
+log = logging.getLogger("cacheviz.app")
+
+# Progress steps from a worker are sent at most this often per job (stages always are).
+STEP_INTERVAL_S = 0.2
+DIED = ("The computation stopped unexpectedly (the machine may have run out of memory); "
+        "try again, with a smaller cache or a narrower key layer if it happens again.")
+
+
+class _QueueReporter:
+    """A `progress.Reporter` inside the worker: events to the server, steps throttled."""
+
+    def __init__(self, job_id: int, events):
+        self.job_id, self.events, self.last = job_id, events, 0.0
+
+    def stage(self, name: str) -> None:
+        self.events.put((self.job_id, "stage", name))
+        self.last = 0.0
+
+    def step(self, done: int, total: int, detail: str = "") -> None:
+        now = time.monotonic()
+        if now - self.last >= STEP_INTERVAL_S or done >= total:
+            self.last = now
+            self.events.put((self.job_id, "step", (int(done), int(total), str(detail))))
+
+
+def _worker_main(tasks, events, parent: int) -> None:
+    """The worker's loop: run tasks one by one until told to stop or the server is gone."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C in the server's terminal is the server's
+    events.put((None, "ready", os.getpid()))
+    while True:
+        try:
+            item = tasks.get(timeout=1.0)
+        except queue.Empty:
+            if os.getppid() != parent:  # the server died: nobody will read our results
+                return
+            continue
+        if item is None:
+            return
+        job_id, task = item
+        events.put((job_id, "started", os.getpid()))
+        try:
+            task(_QueueReporter(job_id, events))
+            events.put((job_id, "done", None))
+        except CachevizError as exc:
+            events.put((job_id, "error", exc))
+        except MemoryError:
+            events.put((job_id, "memory", None))
+        except Exception as exc:
+            traceback.print_exc(file=sys.stderr)
+            events.put((job_id, "crash", type(exc).__name__))
+
+
+class _Slot:
+    """One worker process and the job it is running."""
+
+    def __init__(self, ctx):
+        self.ctx = ctx
+        self.proc = None
+        self.tasks = None
+        self.job = None
+
+    def ensure(self, events) -> None:
+        if self.proc is None or not self.proc.is_alive():
+            self.tasks = self.ctx.Queue()
+            self.proc = self.ctx.Process(target=_worker_main, args=(self.tasks, events, os.getpid()),
+                                         name="cacheviz-worker", daemon=True)
+            self.proc.start()
+
+
+class ProcessRunner:
+    """Jobs wait in one line (first come, first served) for `workers` worker processes.
+
+    `job` objects need: `id`, `queued(ahead)`, `started()`, `stage(name)`, `step(...)`,
+    `finish(error)` and `finished` (a threading.Event).
+    """
+
+    def __init__(self, workers: int, render: Callable[[CachevizError], str], memory_message: str):
+        self.ctx = mp.get_context("spawn")
+        self.events = self.ctx.Queue()
+        self.render, self.memory_message = render, memory_message
+        self.line: deque = deque()
+        self.cv = threading.Condition()
+        self.jobs: dict[int, Any] = {}
+        self.slots = [_Slot(self.ctx) for _ in range(workers)]
+        threading.Thread(target=self._listen, name="cacheviz-events", daemon=True).start()
+        for slot in self.slots:
+            threading.Thread(target=self._serve, args=(slot,), name="cacheviz-dispatch", daemon=True).start()
+            slot.ensure(self.events)  # started now, so the first job does not wait for imports
+
+    def submit(self, job, task: Callable) -> None:
+        with self.cv:
+            self.jobs[job.id] = job
+            self.line.append((job, task))
+            self._renumber()
+            self.cv.notify()
+
+    def waiting(self) -> int:
+        with self.cv:
+            return len(self.line)
+
+    def _renumber(self) -> None:
+        busy = sum(s.job is not None for s in self.slots)
+        for ahead, (job, _) in enumerate(self.line):
+            job.queued(ahead + busy)
+
+    def _serve(self, slot: _Slot) -> None:
+        while True:
+            with self.cv:
+                while not self.line:
+                    self.cv.wait()
+                job, task = self.line.popleft()
+                slot.job = job
+                self._renumber()
+            slot.ensure(self.events)
+            job.started()
+            try:
+                slot.tasks.put((job.id, task))
+            except Exception as exc:  # the task cannot be sent (not picklable): a bug, said plainly
+                log.error("job %s could not be sent to the worker: %s", job.title, exc)
+                job.finish(f"The work could not start ({type(exc).__name__}); see the server log.")
+            while not job.finished.wait(0.5):
+                if not slot.proc.is_alive():
+                    log.error("worker %s stopped (exit code %s) during %s", slot.proc.pid, slot.proc.exitcode,
+                              job.title)
+                    job.finish(DIED)
+                    slot.proc = None
+                    self.jobs.pop(job.id, None)
+            with self.cv:
+                slot.job = None
+                self._renumber()
+
+    def _listen(self) -> None:
+        while True:
+            try:
+                job_id, kind, payload = self.events.get()
+            except (EOFError, OSError):  # the queue is gone: the server is shutting down
+                return
+            job = self.jobs.get(job_id)
+            if job is None:
+                continue
+            if kind == "stage":
+                job.stage(payload)
+            elif kind == "step":
+                job.step(*payload)
+            elif kind == "done":
+                job.finish()
+            elif kind == "error":
+                job.finish(self.render(payload))
+            elif kind == "memory":
+                job.finish(self.memory_message)
+            elif kind == "crash":
+                job.finish(f"The work failed unexpectedly ({payload}); see the server log and try again.")
+            if job.finished.is_set():
+                self.jobs.pop(job_id, None)
+
+
+_IDS = itertools.count(1)
+
+
+def next_id() -> int:
+    return next(_IDS)
