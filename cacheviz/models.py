@@ -356,7 +356,8 @@ def _load_digits(data_dir: Path, checkpoint: Path | None, progress, train_if_mis
     buf = io.BytesIO()
     torch.save(net.state_dict(), buf)
     store.atomic_write_bytes(path, buf.getvalue())
-    return _digits_spec_shell(net, store.file_sha256(path))
+    # the bytes this process trained, even if another process replaced the file meanwhile
+    return _digits_spec_shell(net, hashlib.sha256(buf.getvalue()).hexdigest())
 
 
 # ---------------------------------------------------------------------------------------------
