@@ -1,243 +1,580 @@
-"""Speed and memory goals of the engine, as ratios against this machine's own limits.
+"""Speed and memory goals of the engine, as ratios against limits measured in the same run.
 
-    python benchmarks/run.py [--quick] [--update-readme]
+    python benchmarks/run.py [--device cpu|cuda] [--quick] [--only abcdef] [--update-readme]
+    python benchmarks/run.py --table-only [--update-readme]
 
-(a) one-pass multi-layer extraction vs plain inference over the same images   goal <= 1.3x
-(b) the full 9x9 theta x lam grid vs one (theta, lam) evaluation, same keys     goal <= 1.5x
-(c) full CIFAR-10 `evaluate`, ResNet20, layer3.0 keys, 50k cache, features cold:
-    wall time vs a lower bound measured in the same run (plain inference over the 60k images
-    + the similarity GEMMs' FLOPs at this machine's measured GEMM rate)            goal <= 1.5x
-    and its peak memory against the machine's memory.
-(d) the full ResNet20 layer sweep (Figure 2: all 22 layers, whole training set as cache,
-    whole test set, 1024-d sign-sketch keys for wide layers), features cold: wall time vs one
-    forward pass over train + test plus the similarity GEMMs; goal <= 2x and <= 8 GB.
-(e) how the projection dimension (exact, D = 256, 1024, 4096) changes accuracy, a few layers.
-(c), (d), (e) need ../shared (CIFAR-10 and the ResNet20 checkpoint); without it, (a) and (b) run on
-random images with a randomly initialised ResNet20, which costs the same.
-Writes benchmarks/results/latest.json and prints the README table.
+Every timed benchmark runs 5 times, alternating with the limit it is set against (also run 5
+times), after one untimed warm-up of each; it reports the median and min–max of both, the ratio
+of the medians and the min–max of the per-run ratios. On CUDA every clock read follows a
+`torch.cuda.synchronize()`.
+
+(a) one-pass multi-layer extraction vs plain inference over the same 5000 images   goal <= 1.3x
+(b) the full 9x9 theta x lam grid vs one (theta, lam) evaluation, same keys          goal <= 1.5x
+(c) full CIFAR-10 `Evaluate`, ResNet20, layer3.0 keys, 50k cache, features cold (the
+    `features/` and `results/` folders deleted before each run; the decoded dataset kept):
+    wall time vs a lower bound measured in the same run: the engine's own `forward_layers`
+    over the same images, stopping where the engine stops (training images up to layer3.0
+    only, test images through the logits), plus the similarity GEMMs' FLOPs (5000 validation
+    + 5000 test queries x 50000 keys x 4096 dims) at the GEMM rate measured at the engine's
+    block shape. Goal <= 1.5x on the CPU, <= 2x on CUDA; and its peak memory.
+(d) the ResNet20 layer sweep (Figure 2: all 22 layers from the input to the logits, whole
+    training set as cache, 5000 test queries, 1024-d sign-sketch keys for wider layers),
+    features cold: wall time vs the full forward pass over all 60k images plus each layer's
+    GEMMs at its key dimension. Goal <= 2x on the CPU (and <= 8 GB), <= 3x on CUDA.
+(e) how the projection dimension (exact, D = 256, 1024, 4096) changes accuracy, a few layers
+    (accuracy, so one run).
+(f) the two shortcuts `cacheviz.cache.SimilarityBlock` relies on, on a 671 x 50000 block of
+    real layer3.0 similarities, 10 classes, the 9 thetas of the default grid: class masses as
+    row-slice sums vs `w @ V`, and `p_mem_sweep` (one multiply per theta after the first) vs
+    `p_mem` per theta (one exp each), end to end and the elementwise pass alone.
+
+On the CPU, (c) and (d) run each time in a fresh process (`--worker`), timed around the study's
+`run` (imports excluded), so that its peak RSS (`getrusage`) is the run's own. On CUDA they run
+in this process with the CUDA context warm, after one untimed warm-up run of the same study on a
+2000-item cache: process start and CUDA initialisation would otherwise dominate; peak memory is
+then `torch.cuda.max_memory_allocated`. A benchmark that fails is reported and the others still
+run; results are written after each benchmark (--results DIR puts them elsewhere).
+
+(c), (d), (e) need the shared CIFAR-10 and ResNet20 checkpoint (../shared, or --shared DIR);
+without them, (a), (b) and (f) run on random images with a randomly initialised ResNet20, which
+costs the same. The data directory is a fresh temporary one (or --data-dir, reused) holding a
+link to the shared CIFAR-10 and a copy of the checkpoint; the dataset is decoded into it once,
+up front, outside every timing.
+
+Results: benchmarks/results/latest.json (CPU) or latest-cuda.json (CUDA), each with the device
+name, torch version and CPU count; --quick (tiny sizes, for a smoke run) writes quick.json or
+quick-cuda.json instead and never touches the README. --update-readme rewrites only the text
+between <!-- bench:start --> and <!-- bench:end --> in README.md, from both results files.
 """
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
+import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import traceback
+from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
+RESULTS = REPO / "benchmarks" / "results"
 sys.path.insert(0, str(REPO))
 
-from cacheviz.cache import CacheMemory  # noqa: E402
-from cacheviz.features import extract  # noqa: E402
-from cacheviz.models import load_model  # noqa: E402
-from cacheviz.store import atomic_write_json  # noqa: E402
-from cacheviz.tuning import default_grid, grid_search, predict  # noqa: E402
+from cacheviz.cache import SIM_BLOCK_BYTES, CacheMemory, class_shares
+from cacheviz.config import Setup
+from cacheviz.features import extract, forward_layers, list_layers, make_keys
+from cacheviz.models import load_model
+from cacheviz.store import atomic_write_json
+from cacheviz.tuning import default_grid, grid_search, predict
+
+FORMAT = 2  # of the results files; older ones are not merged into a new run
+REPS = 5
+BATCH = 256  # the engine's default batch size
+CKPT = "resnet20-12fca82f.th"
+MARKER = ".cacheviz-benchmark"  # marks a data directory this script made (it deletes features/ there)
+LETTERS = "abcdef"
+# --quick: tiny caches and test sets for (c), (d), (e)
+QUICK_LIMITS = {"train_limit": 2000, "test_limit": 1000}
+SWEEP_DIM = 1024  # (d): the CLI's default --project-dim for sweep-layers
+GOALS = {"a": 1.3, "b": 1.5, "c": {"cpu": 1.5, "cuda": 2.0}, "d": {"cpu": 2.0, "cuda": 3.0}}
+D_MEM_GOAL_GB = 8.0
 
 
-def best_of(fn, reps: int = 3) -> float:
-    times = []
+# ---------------------------------------------------------------------------------------------
+# Timing
+
+
+def is_cuda(device: str | torch.device) -> bool:
+    return torch.device(device).type == "cuda"
+
+
+def sync(device) -> None:
+    if is_cuda(device):
+        torch.cuda.synchronize()
+
+
+def clock(fn: Callable[[], object], device) -> float:
+    """Seconds of one call; on CUDA the queue is drained before both clock reads."""
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def alternate(fns: dict[str, Callable[[], object]], device, reps: int = REPS, warmup: bool = True
+              ) -> dict[str, list[float]]:
+    """Each function `reps` times, taking turns, so drift on the machine hits all of them."""
+    if warmup:
+        for fn in fns.values():
+            clock(fn, device)
+    times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+        for k, fn in fns.items():
+            times[k].append(clock(fn, device))
+    return times
 
 
-def best_of_pair(fn_a, fn_b, reps: int = 3) -> tuple[float, float]:
-    """Best times of two functions measured alternately, so drift on the machine hits both."""
-    ta, tb = [], []
-    for _ in range(reps):
-        ta.append(best_of(fn_a, 1))
-        tb.append(best_of(fn_b, 1))
-    return min(ta), min(tb)
+def stats(xs: list[float]) -> dict:
+    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "runs": list(xs)}
 
 
-def have_shared() -> bool:
-    return (SHARED / "data" / "cifar10" / "test").is_dir() and (SHARED / "weights" / "resnet20-12fca82f.th").exists()
+def compare(measured: list[float], limit: list[float], goal) -> dict:
+    """Median and min–max of both, ratio of the medians, min–max of the per-run ratios."""
+    per_run = [m / lim for m, lim in zip(measured, limit)]
+    return {"time": stats(measured), "limit": stats(limit),
+            "ratio": statistics.median(measured) / statistics.median(limit),
+            "ratio_runs": stats(per_run), "goal": goal}
 
 
-def setup_data_dir(root: Path) -> Path:
-    (root / "checkpoints").mkdir(parents=True, exist_ok=True)
-    if have_shared():
+# ---------------------------------------------------------------------------------------------
+# Data directory, model, images
+
+
+def find_shared(given: str | None) -> Path | None:
+    """The shared folder with CIFAR-10 and the ResNet20 checkpoint, or None."""
+    candidates = [Path(given)] if given else [REPO.parent / "shared", REPO / "shared"]
+    for p in candidates:
+        if (p / "data" / "cifar10" / "test").is_dir() and (p / "weights" / CKPT).exists():
+            return p.resolve()
+    return None
+
+
+def setup_data_dir(root: Path, shared: Path | None) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    if any(root.iterdir()) and not (root / MARKER).exists():
+        sys.exit(f"benchmarks/run.py: {root} is not empty and was not made by this script; give --data-dir an "
+                 "empty or new directory (the benchmarks delete its features/ and results/).")
+    (root / MARKER).touch()
+    (root / "checkpoints").mkdir(exist_ok=True)
+    if shared is not None:
         if not (root / "cifar10").exists():
-            (root / "cifar10").symlink_to(SHARED / "data" / "cifar10")
-        shutil.copy(SHARED / "weights" / "resnet20-12fca82f.th", root / "checkpoints")
+            (root / "cifar10").symlink_to(shared / "data" / "cifar10")
+        if not (root / "checkpoints" / CKPT).exists():
+            shutil.copy(shared / "weights" / CKPT, root / "checkpoints")
     return root
 
 
-def resnet20(data_dir: Path):
-    if have_shared():
+def resnet20(data_dir: Path, real: bool):
+    if real:
         return load_model("resnet20", data_dir)
     from cacheviz.models import build_cifar_resnet
 
     ckpt = data_dir / "checkpoints" / "random-resnet20.th"
-    torch.save({"state_dict": build_cifar_resnet(20).state_dict()}, ckpt)
+    if not ckpt.exists():
+        torch.save({"state_dict": build_cifar_resnet(20).state_dict()}, ckpt)
     return load_model("resnet20", data_dir, checkpoint=ckpt)
 
 
-def images(data_dir: Path, n: int) -> torch.Tensor:
-    if have_shared():
-        from cacheviz.data import load_dataset
-
-        return load_dataset("cifar10", data_dir).test_x[:n]
-    return torch.randint(0, 256, (n, 32, 32, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+def random_images(n: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 256, (n, 32, 32, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
 
 
-def plain_inference(spec, x: torch.Tensor, batch_size: int = 256) -> None:
-    with torch.inference_mode():
-        for s in range(0, len(x), batch_size):
-            spec.net(spec.preprocess(x[s : s + batch_size]))
+def clean(data_dir: Path) -> None:
+    """Features cold: drop stored features and results; the decoded dataset stays."""
+    shutil.rmtree(data_dir / "features", ignore_errors=True)
+    shutil.rmtree(data_dir / "results", ignore_errors=True)
 
 
-def bench_extraction(spec, x: torch.Tensor) -> dict:
+def free_gpu(device) -> None:
+    gc.collect()
+    if is_cuda(device):
+        torch.cuda.empty_cache()  # so the engine's "features fit in half the free memory" sees it all
+
+
+def fp32_inference():
+    """The numerics `extract` runs under: inference mode, full float32 convolutions (no TF32)."""
+    return torch.inference_mode(), torch.backends.cudnn.flags(enabled=True, allow_tf32=False)
+
+
+def plain_inference(spec, x: torch.Tensor, device) -> None:
+    mode, flags = fp32_inference()
+    with mode, flags:
+        for s in range(0, len(x), BATCH):
+            spec.net(spec.preprocess(x[s : s + BATCH].to(device)))
+
+
+def engine_pass(spec, x: torch.Tensor, layers: list[str], device) -> None:
+    """The engine's own forward (`forward_layers`: it stops after the deepest wanted layer unless
+    `logits` is wanted) over `x`, batch by batch as `extract` feeds it; outputs dropped."""
+    mode, flags = fp32_inference()
+    with mode, flags:
+        for s in range(0, len(x), BATCH):
+            forward_layers(spec, spec.preprocess(x[s : s + BATCH].to(device)), layers)
+
+
+def block_rows(k_items: int) -> int:
+    """Queries per similarity block for a K-item cache: `CacheMemory.chunk_rows`'s rule (671 for 50k)."""
+    return max(1, SIM_BLOCK_BYTES // (4 * k_items))
+
+
+class GemmProbe:
+    """Seconds of one similarity block (the engine's `chunk_rows` queries x K keys x d) at a shape."""
+
+    def __init__(self, device, reps: int):
+        self.device, self.reps = torch.device(device), reps
+        self._ops: dict[tuple[int, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _operands(self, rows: int, k: int, d: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if (rows, k, d) not in self._ops:
+            g = torch.Generator(device=self.device).manual_seed(0)
+            a = torch.randn(rows, d, generator=g, device=self.device)
+            b = torch.randn(k, d, generator=g, device=self.device)
+            self._ops[(rows, k, d)] = (a / a.norm(dim=1, keepdim=True), b / b.norm(dim=1, keepdim=True))
+        return self._ops[(rows, k, d)]
+
+    def rate(self, rows: int, k: int, d: int) -> float:
+        """FLOP/s of a (rows, d) x (d, k) GEMM: median of `reps` (after one warm-up)."""
+        a, b = self._operands(rows, k, d)
+        clock(lambda: a @ b.T, self.device)
+        t = statistics.median(clock(lambda: a @ b.T, self.device) for _ in range(self.reps))
+        return 2 * a.shape[0] * k * d / t
+
+    def free(self) -> None:
+        if is_cuda(self.device):  # on the CPU the operands are kept: drawing 200M normals is slow
+            self._ops.clear()
+            free_gpu(self.device)
+
+
+# ---------------------------------------------------------------------------------------------
+# (a), (b)
+
+
+def bench_extraction(spec, x: torch.Tensor, device) -> dict:
     layers = list(spec.default_layers) + ["layer3.2", "logits"]
-    plain_inference(spec, x[:512])  # warm-up
-    t_plain, t_multi = best_of_pair(lambda: plain_inference(spec, x), lambda: extract(spec, x, layers))
-    return {"images": len(x), "layers": layers, "plain_s": t_plain, "extract_s": t_multi,
-            "ratio": t_multi / t_plain, "goal": 1.3}
+    spec.net.to(device).eval()
+    out_dev = device  # the engine keeps features on the GPU while they fit
+    t = alternate({"plain": lambda: plain_inference(spec, x, device),
+                   "extract": lambda: extract(spec, x, layers, device=device, out_device=out_dev)}, device)
+    return {"images": len(x), "layers": layers, **compare(t["extract"], t["plain"], GOALS["a"])}
 
 
-def gemm_rate(n: int, k_items: int, d: int) -> float:
-    """FLOP/s of the similarity GEMM at the block shape the engine uses."""
-    a = torch.nn.functional.normalize(torch.randn(n, d), dim=1)
-    b = torch.nn.functional.normalize(torch.randn(k_items, d), dim=1)
-    a @ b.T
-    t = best_of(lambda: a @ b.T, reps=5)
-    return 2 * n * k_items * d / t
-
-
-def bench_grid(n_query: int, k_items: int, d: int) -> dict:
+def bench_grid(n_query: int, k_items: int, d: int, device) -> dict:
     g = torch.Generator().manual_seed(0)
     keys = torch.nn.functional.normalize(torch.randn(k_items, d, generator=g), dim=1)
     labels = torch.arange(k_items) % 10
     q = torch.nn.functional.normalize(torch.randn(n_query, d, generator=g), dim=1)
     # queries near some keys, as real ones are, so the softmax is not flat
-    q = torch.nn.functional.normalize(q + 3 * keys[:n_query], dim=1)
-    y = labels[:n_query]
-    p_net = torch.softmax(torch.randn(n_query, 10, generator=g), dim=1)
-    mem = CacheMemory(keys, labels, 10)
+    q = torch.nn.functional.normalize(q + 3 * keys[:n_query], dim=1).to(device)
+    y = labels[:n_query].to(device)
+    p_net = torch.softmax(torch.randn(n_query, 10, generator=g), dim=1).to(device)
+    mem = CacheMemory(keys, labels, 10, device=device)
     thetas, lams = default_grid(9, 9)
-    t_one, t_grid = best_of_pair(lambda: predict(mem, q, p_net, [(50.0, 0.5)]),
-                                 lambda: grid_search(mem, q, p_net, y, thetas, lams))
-    return {"queries": n_query, "cache": k_items, "dim": d, "one_s": t_one, "grid_s": t_grid,
-            "ratio": t_grid / t_one, "goal": 1.5}
+    t = alternate({"one": lambda: predict(mem, q, p_net, [(50.0, 0.5)]),
+                   "grid": lambda: grid_search(mem, q, p_net, y, thetas, lams)}, device)
+    return {"queries": n_query, "cache": k_items, "dim": d, **compare(t["grid"], t["one"], GOALS["b"])}
 
 
-def bench_inference(data_dir: Path) -> float:
-    """Seconds of plain ResNet20 inference over all 60k CIFAR-10 images."""
-    from cacheviz.data import load_dataset
-
-    ds = load_dataset("cifar10", data_dir)  # decoded once into the tensor file, outside the timing
-    spec = load_model("resnet20", data_dir)
-    all_x = torch.cat([ds.train_x, ds.test_x])
-    plain_inference(spec, all_x[:512])
-    t0 = time.perf_counter()
-    plain_inference(spec, all_x)
-    return time.perf_counter() - t0
+# ---------------------------------------------------------------------------------------------
+# (c), (d): the studies, and their lower bounds
 
 
-def bench_evaluate(data_dir: Path) -> dict:
-    t_infer = bench_inference(data_dir)
-    n_cache, n_val, n_test, d = 50000, 5000, 5000, 4096
-    rate = gemm_rate(671, n_cache, d)
-    flops = 2 * (n_val + n_test) * n_cache * d
-    bound = t_infer + flops / rate
-    shutil.rmtree(data_dir / "features", ignore_errors=True)
-    shutil.rmtree(data_dir / "results", ignore_errors=True)
-    out = data_dir / "evaluate.json"
-    cmd = [sys.executable, "-m", "cacheviz", "evaluate", "--dataset", "cifar10", "--model", "resnet20",
-           "--layers", "layer3.0", "--data-dir", str(data_dir), "--device", "cpu", "--force", "--json", str(out)]
-    wall, peak_gb = _run_cli(cmd[3:])
-    peak = peak_gb * 2**30
-    r = json.loads(out.read_text())
-    mem_total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return {
-        "wall_s": wall, "inference_60k_s": t_infer, "gemm_gflops": rate / 1e9, "gemm_s": flops / rate,
-        "bound_s": bound, "ratio": wall / bound, "goal": 1.5, "peak_rss_gb": peak / 2**30,
-        "machine_mem_gb": mem_total / 2**30, "mem_ratio": peak / mem_total,
-        "baseline_acc": r["baseline_acc"], "cache_acc": r["cache_acc"], "cache_only_acc": r["cache_only_acc"],
-        "theta": r["theta"], "lam": r["lam"],
+def setup_for(which: str, quick: bool) -> Setup:
+    limits = QUICK_LIMITS if quick else {}
+    if which == "c":
+        return Setup(dataset="cifar10", model="resnet20", layers=("layer3.0",), **limits)
+    return Setup(dataset="cifar10", model="resnet20", project_dim=SWEEP_DIM, **limits)
+
+
+def study_for(which: str, quick: bool):
+    from cacheviz.experiment import Evaluate
+    from cacheviz.sweeps import LayerSweep
+
+    setup = setup_for(which, quick)
+    return Evaluate(setup) if which == "c" else LayerSweep(setup)  # (d): layers None = all of them
+
+
+def run_study(which: str, data_dir: Path, device: str, quick: bool) -> dict:
+    """One timed, features-cold run of study (c) or (d) in this process: wall seconds, peak
+    memory (CUDA: max_memory_allocated; CPU: this process's peak RSS) and what it found."""
+    study = study_for(which, quick)
+    clean(data_dir)
+    free_gpu(device)
+    if is_cuda(device):
+        torch.cuda.reset_peak_memory_stats()
+    box = {}
+    wall = clock(lambda: box.setdefault("r", study.run(data_dir, device=device, force=True)), device)
+    if is_cuda(device):
+        peak = torch.cuda.max_memory_allocated() / 2**30
+    else:
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        peak = rss / 2**30 if sys.platform == "darwin" else rss * 1024 / 2**30
+    r = box["r"]
+    if which == "c":
+        found = {k: r[k] for k in ("baseline_acc", "cache_acc", "cache_only_acc", "knn_acc", "theta", "lam",
+                                   "n_cache", "n_val", "n_test", "key_dim", "seconds")}
+    else:
+        found = {"n_cache": r[0]["n_cache"], "n_test": r[0]["n_test"], "baseline_acc": r[0]["baseline_acc"],
+                 "rows": [{k: row[k] for k in ("layer", "depth", "dim", "acc")} for row in r]}
+    return {"wall_s": wall, "peak_gb": peak, "found": found}
+
+
+def run_study_fresh(which: str, data_dir: Path, quick: bool) -> dict:
+    """`run_study` on the CPU in a fresh process (`--worker`), so peak RSS is that run's alone."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", which, "--data-dir", str(data_dir),
+           "--device", "cpu"] + (["--quick"] if quick else [])
+    p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=False)
+    lines = [line for line in p.stdout.splitlines() if line.startswith("BENCH ")]
+    if p.returncode != 0 or not lines:
+        raise RuntimeError(f"benchmark ({which}) worker failed (exit {p.returncode}): {p.stderr.strip()[-2000:]}")
+    return json.loads(lines[-1][len("BENCH "):])
+
+
+class Bound:
+    """The images a study extracts and the similarity GEMMs it does, to time at best."""
+
+    def __init__(self, which: str, quick: bool, ds, spec):
+        from cacheviz.data import make_split
+
+        setup = setup_for(which, quick)
+        sp = make_split(ds, seed=setup.seed, val_from_train=setup.val_from_train, val_fraction=setup.val_fraction,
+                        train_limit=setup.train_limit, test_limit=setup.test_limit)
+        from_train = sp.val_part == "train"
+        test_u = sp.test_idx if from_train else torch.unique(torch.cat([sp.test_idx, sp.val_idx]))
+        self.train_x, self.test_x = ds.train_x[sp.cache_test_idx], ds.test_x[test_u]
+        self.n_cache, self.n_val, self.n_test = len(sp.cache_test_idx), len(sp.val_idx), len(sp.test_idx)
+        n_cache_val = len(sp.cache_val_idx)
+        if which == "c":
+            layers = list(setup.layers)
+            # as ExperimentData: logits for training images only when validation comes from them
+            self.train_layers = layers + (["logits"] if from_train else [])
+            self.test_layers = layers + ["logits"]
+            d = sum(i.dim for i in list_layers(spec) if i.name in layers)
+            # the grid on validation queries vs the validation cache, then the test queries
+            self.gemms = {d: 2 * d * (self.n_val * n_cache_val + self.n_test * self.n_cache)}
+        else:
+            self.train_layers = self.test_layers = ["logits"]  # every layer: the full pass
+            self.gemms = {}
+            for info in list_layers(spec):  # theta, lam given: test queries only, per layer
+                d = min(info.dim, SWEEP_DIM)
+                self.gemms[d] = self.gemms.get(d, 0) + 2 * d * self.n_test * self.n_cache
+        self.n_images = len(self.train_x) + len(self.test_x)
+        # the engine's block: chunk_rows queries at a time, or all of them when fewer
+        self.rows = min(block_rows(self.n_cache), max(self.n_val, self.n_test))
+
+    def measure(self, spec, device, probe: GemmProbe) -> dict:
+        t_train = clock(lambda: engine_pass(spec, self.train_x, self.train_layers, device), device)
+        t_test = clock(lambda: engine_pass(spec, self.test_x, self.test_layers, device), device)
+        gemm_s, rates = 0.0, {}
+        for d, flops in self.gemms.items():
+            rates[d] = probe.rate(self.rows, self.n_cache, d)
+            gemm_s += flops / rates[d]
+        probe.free()
+        return {"train_s": t_train, "test_s": t_test, "gemm_s": gemm_s,
+                "gflops": {str(d): r / 1e9 for d, r in rates.items()}, "bound_s": t_train + t_test + gemm_s}
+
+
+def bench_study(which: str, data_dir: Path, spec, ds, device, quick: bool) -> dict:
+    cuda = is_cuda(device)
+    bound = Bound(which, quick, ds, spec)
+    spec.net.to(device).eval()
+    probe = GemmProbe(device, reps=5 if cuda else 2)
+    engine_pass(spec, bound.test_x[:BATCH], bound.test_layers, device)  # warm-up of the bound's pass
+    if cuda:  # one untimed run of the study (on a small cache: it only warms the CUDA context,
+        run_study(which, data_dir, device, quick=True)  # cuDNN, cuBLAS and the kernels)
+    bounds, runs = [], []
+    for i in range(REPS):
+        bounds.append(bound.measure(spec, device, probe))
+        runs.append(run_study(which, data_dir, device, quick) if cuda else run_study_fresh(which, data_dir, quick))
+        print(f"  ({which}) run {i + 1}/{REPS}: {runs[-1]['wall_s']:.2f} s, bound {bounds[-1]['bound_s']:.2f} s",
+              file=sys.stderr, flush=True)
+    probe.free()
+    clean(data_dir)
+    goal = GOALS[which]["cuda" if cuda else "cpu"]
+    out = {
+        **compare([r["wall_s"] for r in runs], [b["bound_s"] for b in bounds], goal),
+        "images": bound.n_images, "n_cache": bound.n_cache, "n_val": bound.n_val, "n_test": bound.n_test,
+        "train_images": len(bound.train_x), "test_images": len(bound.test_x),
+        "train_layers": bound.train_layers, "test_layers": bound.test_layers,
+        "gemm_gflop": {str(d): f / 1e9 for d, f in bound.gemms.items()},
+        "train_pass_s": stats([b["train_s"] for b in bounds]), "test_pass_s": stats([b["test_s"] for b in bounds]),
+        "gemm_s": stats([b["gemm_s"] for b in bounds]),
+        "gemm_rate_gflops": {d: statistics.median(b["gflops"][d] for b in bounds) for d in bounds[0]["gflops"]},
+        "peak_gb": stats([r["peak_gb"] for r in runs]),
+        "peak_kind": "torch.cuda.max_memory_allocated" if cuda else "peak RSS of the process (getrusage)",
+        "process": "in-process, CUDA context warm, after one untimed warm-up run (2000-item cache)" if cuda
+        else "a fresh process per run, timed around the study's run (imports excluded)",
+        "found": runs[-1]["found"], "quick": quick,
     }
+    if cuda:
+        out["machine_mem_gb"] = torch.cuda.get_device_properties(torch.device(device)).total_memory / 2**30
+    else:
+        out["machine_mem_gb"] = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    if which == "d":
+        out["layers"] = len(runs[-1]["found"]["rows"])
+        if not cuda:
+            out["mem_goal_gb"] = D_MEM_GOAL_GB
+    return out
 
 
-def _run_cli(args: list[str]) -> tuple[float, float]:
-    """Wall seconds and peak RSS (GB) of one `python -m cacheviz` run in a fresh process."""
-    code = ("import resource, runpy, sys, time; t = time.perf_counter(); sys.argv = ['cacheviz'] + sys.argv[1:]\n"
-            "try:\n    runpy.run_module('cacheviz', run_name='__main__')\nexcept SystemExit as e:\n"
-            "    assert not e.code, e.code\n"
-            "print('BENCH', time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30)")
-    p = subprocess.run([sys.executable, "-c", code, *args], cwd=REPO, capture_output=True, text=True, check=True)
-    line = [l for l in p.stdout.splitlines() if l.startswith("BENCH")][-1]
-    _, wall, peak = line.split()
-    return float(wall), float(peak)
-
-
-def bench_layer_sweep(data_dir: Path, t_infer: float, rate: float) -> dict:
-    shutil.rmtree(data_dir / "features", ignore_errors=True)
-    shutil.rmtree(data_dir / "results", ignore_errors=True)
-    out = data_dir / "sweep.json"
-    wall, peak = _run_cli(["sweep-layers", "--dataset", "cifar10", "--model", "resnet20", "--data-dir", str(data_dir),
-                           "--device", "cpu", "--project-dim", "1024", "--force", "--out", str(out)])
-    rows = json.loads(out.read_text())
-    n_cache, n_test = rows[0]["n_cache"], rows[0]["n_test"]
-    gemm_s = sum(2 * n_test * n_cache * r["dim"] for r in rows) / rate
-    bound = t_infer + gemm_s
-    best = max(rows, key=lambda r: r["acc"])
-    return {"layers": len(rows), "wall_s": wall, "peak_rss_gb": peak, "inference_60k_s": t_infer, "gemm_s": gemm_s,
-            "bound_s": bound, "ratio": wall / bound, "goal": 2.0, "mem_goal_gb": 8.0,
-            "best_layer": best["layer"], "best_acc": best["acc"], "baseline_acc": rows[0]["baseline_acc"],
-            "rows": [{k: r[k] for k in ("layer", "depth", "dim", "acc")} for r in rows]}
-
-
-def bench_projection(data_dir: Path) -> dict:
-    from cacheviz.config import Setup
-    from cacheviz.sweeps import sweep_layers
+def bench_projection(data_dir: Path, device, quick: bool) -> dict:
+    from cacheviz.sweeps import LayerSweep
 
     layers = ["layer1.2", "layer2.2", "layer3.0", "layer3.2.relu1"]
+    limits = QUICK_LIMITS if quick else {}
     out = {}
     for dim in (None, 256, 1024, 4096):
-        rows = sweep_layers(Setup(dataset="cifar10", model="resnet20", project_dim=dim), data_dir, layers=layers,
-                            device="cpu")
+        setup = Setup(dataset="cifar10", model="resnet20", project_dim=dim, **limits)
+        rows = LayerSweep(setup, layers=tuple(layers)).run(data_dir, device=device, force=True)
         out["exact" if dim is None else str(dim)] = {r["layer"]: {"acc": r["acc"], "dim": r["dim"]} for r in rows}
-    return {"layers": layers, "acc": out}
+        free_gpu(device)
+    clean(data_dir)
+    return {"layers": layers, "acc": out, "quick": quick, **(limits if quick else {})}
+
+
+# ---------------------------------------------------------------------------------------------
+# (f): the SimilarityBlock shortcuts
+
+
+def bench_block(spec, train_x, train_y, test_x, n_rows: int, device, real: bool) -> dict:
+    """Class mass by slices vs w @ V, and the theta sweep's multiplies vs one exp per theta,
+    on one (n_rows, K) block of layer3.0 similarities."""
+    layer = ["layer3.0"]
+    keys = make_keys(extract(spec, train_x, layer, device=device, out_device=device), layer)
+    q = make_keys(extract(spec, test_x[:n_rows], layer, device=device, out_device=device), layer)
+    mem = CacheMemory(keys, train_y, 10, device=device)  # groups keys by class, as the engine does
+    sims = q @ mem.keys.T
+    thetas = default_grid(9, 9)[0]
+    block = mem.block(sims)  # (bounds) slices
+    w = torch.exp(block.shifted * 50.0)
+    mass = alternate({"slices": lambda: class_shares(w, mem.values, mem.bounds, "slices"),
+                      "matmul": lambda: class_shares(w, mem.values, None, "matmul")}, device)
+    sweep = alternate({"sweep": lambda: list(block.p_mem_sweep(thetas)),
+                       "per_theta": lambda: [block.p_mem(t) for t in thetas]}, device)
+    # the elementwise pass alone: what p_mem does per theta vs what p_mem_sweep does after the first
+    buf, start = torch.empty_like(block.shifted), torch.exp(block.shifted * thetas[0])
+    step = torch.exp(block.shifted * (thetas[1] - thetas[0]))
+
+    def exp_pass():
+        torch.mul(block.shifted, thetas[-1], out=buf)
+        buf.exp_()
+
+    elem = alternate({"multiply": lambda: torch.mul(start, step, out=buf), "exp": exp_pass}, device)
+    # float32 exp below ~exp(-87.3) is subnormal; CPUs take a slow path there
+    subnormal = float((block.shifted * thetas[-1] < -87.3).float().mean())
+    out = {
+        "block": list(sims.shape), "classes": 10, "thetas": thetas, "layer": "layer3.0",
+        "data": "CIFAR-10 through the trained ResNet20" if real else "random images through a random ResNet20",
+        "class_mass": compare(mass["slices"], mass["matmul"], 1.0),
+        "sweep": compare(sweep["sweep"], sweep["per_theta"], 1.0),
+        "elementwise": compare(elem["multiply"], elem["exp"], 1.0),
+        "subnormal_share_theta90": subnormal,
+    }
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The README table
+
+
+def _unit(t: float) -> tuple[float, str]:
+    return (1.0, "s") if t >= 1 else (1e3, "ms")
+
+
+def _digits(v: float) -> int:
+    """Decimals that give three significant digits (none past the unit's third decimal)."""
+    return 0 if v >= 100 else 1 if v >= 10 else 2 if v >= 1 else 3
+
+
+def fmt_s(t: float) -> str:
+    scale, unit = _unit(t)
+    return f"{t * scale:.{_digits(t * scale)}f} {unit}"
+
+
+def spread(s: dict) -> str:
+    """'75.5 s (72.1–80.3)': median, then min–max in the median's unit and precision."""
+    scale, unit = _unit(s["median"])
+    n = _digits(s["median"] * scale)
+    return f"{s['median'] * scale:.{n}f} {unit} ({s['min'] * scale:.{n}f}–{s['max'] * scale:.{n}f})"
+
+
+def ratio_cell(r: dict) -> str:
+    rr = r["ratio_runs"]
+    return f"{r['ratio']:.2f}x ({rr['min']:.2f}–{rr['max']:.2f} per run)"
+
+
+def speedup_cell(r: dict) -> str:
+    rr = r["ratio_runs"]
+    verdict = f"{1 / r['ratio']:.1f}x cheaper" if r["ratio"] < 1 else f"{r['ratio']:.2f}x dearer"
+    return f"{r['ratio']:.3f}x ({rr['min']:.3f}–{rr['max']:.3f} per run): {verdict}"
 
 
 def table(res: dict) -> str:
-    rows = ["| benchmark | measured | limit it is set against | ratio | goal |", "|---|---|---|---|---|"]
-    res = {**res, "machine": res.get("machine", {})}
-    a, b = res["a"], res["b"]
-    rows.append(f"| (a) extraction of {len(a['layers'])} layers, {a['images']} images | {a['extract_s']:.2f} s "
-                f"| plain inference, same images: {a['plain_s']:.2f} s | {a['ratio']:.2f}x | <= {a['goal']}x |")
-    rows.append(f"| (b) 9x9 theta x lam grid, {b['queries']} queries x {b['cache']} keys x {b['dim']}-d | {b['grid_s']:.2f} s "
-                f"| one (theta, lam) evaluation: {b['one_s']:.2f} s | {b['ratio']:.2f}x | <= {b['goal']}x |")
+    """One device's results as Markdown rows (header included)."""
+    cuda = res.get("machine", {}).get("device", "cpu") != "cpu"
+    rows = ["| benchmark | median (min–max) | limit it is set against (median) | ratio (min–max) | goal |",
+            "|---|---|---|---|---|"]
+    a = res.get("a")
+    if a:
+        rows.append(f"| (a) extraction of {len(a['layers'])} layers, {a['images']} images | {spread(a['time'])} "
+                    f"| plain inference, same images: {fmt_s(a['limit']['median'])} | {ratio_cell(a)} "
+                    f"| <= {a['goal']}x |")
+    b = res.get("b")
+    if b:
+        rows.append(f"| (b) 9x9 theta x lam grid, {b['queries']} queries x {b['cache']} keys x {b['dim']}-d "
+                    f"| {spread(b['time'])} | one (theta, lam) evaluation: {fmt_s(b['limit']['median'])} "
+                    f"| {ratio_cell(b)} | <= {b['goal']}x |")
+    how = "in-process, warm" if cuda else "fresh process"
     c = res.get("c")
     if c:
-        rows.append(f"| (c) CIFAR-10 evaluate, ResNet20 layer3.0, 50k cache (features cold) | {c['wall_s']:.1f} s "
-                    f"| inference over 60k images {c['inference_60k_s']:.1f} s + GEMMs {c['gemm_s']:.1f} s at "
-                    f"{c['gemm_gflops']:.0f} GFLOP/s = {c['bound_s']:.1f} s | {c['ratio']:.2f}x | <= {c['goal']}x |")
-        rows.append(f"| (c) peak memory of that run | {c['peak_rss_gb']:.2f} GB | machine memory {c['machine_mem_gb']:.1f} GB "
-                    f"| {c['mem_ratio']:.2f} | — |")
-    else:
-        rows.append("| (c) CIFAR-10 evaluate | not run (--quick, or ../shared is not here) | | | |")
+        rate = next(iter(c["gemm_rate_gflops"].values()))
+        rows.append(
+            f"| (c) CIFAR-10 evaluate, ResNet20 layer3.0, {c['n_cache']} cache, {c['n_val']} val + {c['n_test']} test "
+            f"(features cold, {how}) | {spread(c['time'])} | forward to layer3.0 over {c['train_images']} training "
+            f"images {fmt_s(c['train_pass_s']['median'])} + through the logits over {c['test_images']} test images "
+            f"{fmt_s(c['test_pass_s']['median'])} + GEMMs {fmt_s(c['gemm_s']['median'])} at {rate:,.0f} GFLOP/s "
+            f"= {fmt_s(c['limit']['median'])} | {ratio_cell(c)} | <= {c['goal']}x |")
+        mem = "GPU memory allocated" if cuda else "RSS"
+        rows.append(f"| (c) peak {mem} of that run | {c['peak_gb']['max']:.2f} GB (highest of {len(c['peak_gb']['runs'])} runs) "
+                    f"| {'card' if cuda else 'machine'} memory {c['machine_mem_gb']:.1f} GB "
+                    f"| {c['peak_gb']['max'] / c['machine_mem_gb']:.2f} | — |")
     d = res.get("d")
     if d:
-        rows.append(f"| (d) ResNet20 layer sweep, {d['layers']} layers, 50k cache, 5k test (features cold) | {d['wall_s']:.1f} s "
-                    f"| inference over 60k images {d['inference_60k_s']:.1f} s + GEMMs {d['gemm_s']:.1f} s = "
-                    f"{d['bound_s']:.1f} s | {d['ratio']:.2f}x | <= {d['goal']}x |")
-        rows.append(f"| (d) peak memory of that run | {d['peak_rss_gb']:.2f} GB | goal {d['mem_goal_gb']:.0f} GB "
-                    f"| {d['peak_rss_gb'] / d['mem_goal_gb']:.2f} | <= 1 |")
+        rates = ", ".join(f"{v:,.0f} GFLOP/s at {k}-d" for k, v in
+                          sorted(d["gemm_rate_gflops"].items(), key=lambda kv: -int(kv[0])))
+        rows.append(
+            f"| (d) ResNet20 layer sweep, {d['layers']} layers, {d['n_cache']} cache, {d['n_test']} test "
+            f"(features cold, {how}) | {spread(d['time'])} | full forward over {d['images']} images "
+            f"{fmt_s(d['train_pass_s']['median'] + d['test_pass_s']['median'])} + GEMMs "
+            f"{fmt_s(d['gemm_s']['median'])} ({rates}) = {fmt_s(d['limit']['median'])} | {ratio_cell(d)} "
+            f"| <= {d['goal']}x |")
+        if cuda:
+            rows.append(f"| (d) peak GPU memory allocated in that run | {d['peak_gb']['max']:.2f} GB "
+                        f"(highest of {len(d['peak_gb']['runs'])} runs) | card memory {d['machine_mem_gb']:.1f} GB "
+                        f"| {d['peak_gb']['max'] / d['machine_mem_gb']:.2f} | — |")
+        else:
+            rows.append(f"| (d) peak RSS of that run | {d['peak_gb']['max']:.2f} GB (highest of {len(d['peak_gb']['runs'])} runs) "
+                        f"| goal {d['mem_goal_gb']:.0f} GB | {d['peak_gb']['max'] / d['mem_goal_gb']:.2f} | <= 1 |")
+    if not any(k in res for k in "cde") and res.get("shared", "") is None:
+        rows.append("| (c), (d), (e) | not run: the shared CIFAR-10 and ResNet20 checkpoint were not found | | | |")
+    f = res.get("f")
+    if f:
+        shape = f"{f['block'][0]} x {f['block'][1]} block of layer3.0 similarities ({f['data']})"
+        cm, sw, el = f["class_mass"], f["sweep"], f["elementwise"]
+        rows.append(f"| (f) class masses as row-slice sums, {shape}, {f['classes']} classes | {spread(cm['time'])} "
+                    f"| w @ V: {fmt_s(cm['limit']['median'])} | {speedup_cell(cm)} | < 1x |")
+        rows.append(f"| (f) p_mem_sweep over {len(f['thetas'])} thetas (one multiply per theta after the first), same block "
+                    f"| {spread(sw['time'])} | p_mem per theta (one exp each): {fmt_s(sw['limit']['median'])} "
+                    f"| {speedup_cell(sw)} | < 1x |")
+        rows.append(f"| (f) the elementwise pass alone: exp(theta_k s) as a multiply, same block | {spread(el['time'])} "
+                    f"| one exp pass (theta = {f['thetas'][-1]:g}): {fmt_s(el['limit']['median'])} | {speedup_cell(el)} "
+                    f"| < 1x |")
     e = res.get("e")
     if e:
         rows.append("")
-        rows.append("Projection dimension against test accuracy (layer alone as keys, theta = 50, lam = 0.5):")
+        lim = f", {e['train_limit']}-item cache, {e['test_limit']}-item test set (--quick)" if e.get("quick") else ""
+        rows.append(f"Projection dimension against test accuracy (layer alone as keys, theta = 50, lam = 0.5{lim}):")
         rows.append("")
         dims = sorted(e["acc"], key=lambda k: float("inf") if k == "exact" else int(k))
         rows.append("| layer | " + " | ".join(f"D = {k}" if k != "exact" else "exact" for k in dims) + " |")
@@ -248,70 +585,181 @@ def table(res: dict) -> str:
     return "\n".join(rows)
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true", help="smaller (a)/(b), skip (c)")
-    ap.add_argument("--update-readme", action="store_true")
-    ap.add_argument("--only", default="abcde", help="which benchmarks to run, e.g. ab")
-    ap.add_argument("--table-only", action="store_true", help="rebuild the table from results/latest.json")
-    args = ap.parse_args()
-    if args.table_only:
-        md = table(json.loads((REPO / "benchmarks" / "results" / "latest.json").read_text()))
-        print(md)
-        if args.update_readme:
-            _update_readme(md)
-        return 0
-    torch.manual_seed(0)
-    res = {"machine": {"cpus": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
-                       "platform": platform.platform()}}
-    with tempfile.TemporaryDirectory() as tmp:
-        data_dir = setup_data_dir(Path(tmp))
-        spec = resnet20(data_dir)
-        if "a" in args.only:
-            x = images(data_dir, 1000 if args.quick else 5000)
-            res["a"] = bench_extraction(spec, x)
-            print("(a)", json.dumps(res["a"]), flush=True)
-        if "b" in args.only:
-            res["b"] = bench_grid(1000 if args.quick else 5000, 10000 if args.quick else 50000, 4096)
-            print("(b)", json.dumps(res["b"]), flush=True)
-        if have_shared() and not args.quick:
-            if "c" in args.only:
-                res["c"] = bench_evaluate(data_dir)
-                print("(c)", json.dumps(res["c"]), flush=True)
-            if "d" in args.only:
-                t_infer = res["c"]["inference_60k_s"] if "c" in res else bench_inference(data_dir)
-                rate = res["c"]["gemm_gflops"] * 1e9 if "c" in res else gemm_rate(671, 50000, 1024)
-                res["d"] = bench_layer_sweep(data_dir, t_infer, rate)
-                print("(d)", json.dumps({k: v for k, v in res["d"].items() if k != "rows"}), flush=True)
-            if "e" in args.only:
-                res["e"] = bench_projection(data_dir)
-                print("(e)", json.dumps(res["e"]), flush=True)
-    # benchmarks not run this time keep their last results (--only reruns a part)
-    latest = REPO / "benchmarks" / "results" / "latest.json"
-    previous = json.loads(latest.read_text()) if latest.exists() else {}
-    stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    for k in "abcde":
-        if k in res:
-            res[k]["measured_at"] = stamp
-        elif k in previous:
-            res[k] = previous[k]
-    md = table(res)
-    res["table"] = md
-    atomic_write_json(latest, res)
-    print(md)
-    if args.update_readme:
-        _update_readme(md)
-    return 0
+def heading(res: dict) -> str:
+    m = res.get("machine", {})
+    cmd = "python benchmarks/run.py" + (" --quick" if res.get("quick") else "")
+    if m.get("device", "cpu") == "cpu":
+        return (f"On the CPU ({m.get('cpus')} cores, torch {m.get('torch')}, `{cmd}`); "
+                f"each time is the median (min–max) of {res.get('reps', REPS)} runs:")
+    return (f"On one {m['device']} (`{cmd} --device cuda`, torch {m.get('torch')}, CUDA {m.get('cuda')}); "
+            f"median (min–max) of {res.get('reps', REPS)} runs; (c) and (d) run in-process, the CUDA context "
+            f"warm after one untimed run of the same study on a 2000-item cache (process start and CUDA "
+            f"initialisation, a few seconds, are not counted):")
 
 
-def _update_readme(md: str) -> None:
+def render(*results: dict) -> str:
+    parts = [f"{heading(r)}\n\n{table(r)}" for r in results if r]
+    return "\n\n".join(parts) if parts else "(no benchmark results yet: run `python benchmarks/run.py`)"
+
+
+def load_results(name: str) -> dict:
+    path = RESULTS / name
+    if not path.exists():
+        return {}
+    res = json.loads(path.read_text())
+    return res if res.get("format") == FORMAT else {}
+
+
+def update_readme(md: str) -> None:
     readme = REPO / "README.md"
     text = readme.read_text()
     start, end = "<!-- bench:start -->", "<!-- bench:end -->"
-    if start in text and end in text:
-        head, rest = text.split(start, 1)
-        _, tail = rest.split(end, 1)
-        readme.write_text(f"{head}{start}\n{md}\n{end}{tail}")
+    if start not in text or end not in text:
+        print(f"README.md has no {start} ... {end} markers; left it alone.", file=sys.stderr)
+        return
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    readme.write_text(f"{head}{start}\n{md}\n{end}{tail}")
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def machine(device: str) -> dict:
+    m = {"device": torch.cuda.get_device_name(torch.device(device)) if is_cuda(device) else "cpu",
+         "torch": torch.__version__, "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
+         "platform": platform.platform(),
+         "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)}
+    if is_cuda(device):
+        m["cuda"] = torch.version.cuda
+        m["gpu_memory_gb"] = round(torch.cuda.get_device_properties(torch.device(device)).total_memory / 2**30, 1)
+    return m
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the engine runs (default cpu)")
+    ap.add_argument("--quick", action="store_true",
+                    help="smoke run: 5 runs of tiny sizes; writes results/quick*.json, never the README")
+    ap.add_argument("--only", help="which benchmarks to run, e.g. ab (default abcdef; on cuda abcdf)")
+    ap.add_argument("--update-readme", action="store_true", help="rewrite the table between the README's bench markers")
+    ap.add_argument("--table-only", action="store_true", help="rebuild the table from results/latest*.json")
+    ap.add_argument("--shared", help="folder with data/cifar10 and weights/ (default ../shared)")
+    ap.add_argument("--data-dir", help="reuse this data directory (new or made by this script) instead of a temp one")
+    ap.add_argument("--results", help="folder for the results files (default benchmarks/results); each "
+                    "benchmark's result is written as soon as it is done")
+    ap.add_argument("--worker", choices=["c", "d"], help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    global RESULTS
+    if args.results:
+        RESULTS = Path(args.results).resolve()
+    if args.worker:  # one fresh-process run of (c) or (d); the parent reads the BENCH line
+        print("BENCH " + json.dumps(run_study(args.worker, Path(args.data_dir), args.device, args.quick)), flush=True)
+        return 0
+    if args.table_only:
+        md = render(load_results("latest.json"), load_results("latest-cuda.json"))
+        print(md)
+        if args.update_readme:
+            update_readme(md)
+        return 0
+    if args.quick and args.update_readme:
+        print("benchmarks/run.py: --quick numbers are a smoke test and never go into the README; "
+              "drop --quick or --update-readme.", file=sys.stderr)
+        return 2
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print(f"benchmarks/run.py: --device cuda needs a GPU that torch {torch.__version__} can use, and this "
+              "machine has none; run without --device here, or on a machine with an NVIDIA GPU.", file=sys.stderr)
+        return 2
+    only = args.only if args.only is not None else ("abcdf" if args.device == "cuda" else LETTERS)
+    if not only or set(only) - set(LETTERS):
+        print(f"benchmarks/run.py: --only takes letters from {LETTERS}, e.g. --only ab; got {only!r}.", file=sys.stderr)
+        return 2
+    device, quick = args.device, args.quick
+    shared = find_shared(args.shared)
+    if args.shared and shared is None:
+        print(f"benchmarks/run.py: {args.shared} has no data/cifar10/{{train,test}} and weights/{CKPT}.",
+              file=sys.stderr)
+        return 2
+    torch.manual_seed(0)
+    res = {"format": FORMAT, "machine": machine(device), "quick": quick, "reps": REPS,
+           "shared": str(shared) if shared else None}
+    print(f"benchmarks on {res['machine']['device']}, torch {torch.__version__}, {os.cpu_count()} CPUs; "
+          f"CIFAR-10 {'from ' + str(shared) if shared else 'not found: random data, (c)-(e) skipped'}",
+          file=sys.stderr, flush=True)
+    with (nullcontext(args.data_dir) if args.data_dir else tempfile.TemporaryDirectory()) as tmp:
+        data_dir = setup_data_dir(Path(tmp), shared)
+        real = shared is not None
+        ds = None
+        if real:  # decoded once, up front: every later load reads the tensor file
+            from cacheviz.data import load_dataset
+
+            t0 = time.perf_counter()
+            ds = load_dataset("cifar10", data_dir)
+            print(f"dataset ready in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+        spec = resnet20(data_dir, real)
+
+        name = ("quick" if quick else "latest") + ("-cuda" if device == "cuda" else "") + ".json"
+        previous = {} if quick else load_results(name)
+        if previous.get("machine", {}).get("device") != res["machine"]["device"]:
+            previous = {}  # another card's rows would be labelled with this one
+        failed = []
+
+        def save() -> None:
+            """Write the results so far, with the last ones of benchmarks not (yet) run this time
+            (so --only reruns a part, and a run cut short keeps what it finished)."""
+            out = dict(res)
+            for k in LETTERS:
+                if k not in out and k in previous:
+                    out[k] = previous[k]
+            out["table"] = table(out)
+            RESULTS.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(RESULTS / name, out)
+
+        def bench(k: str, fn: Callable[[], dict]) -> None:
+            print(f"({k}) ...", file=sys.stderr, flush=True)
+            try:
+                res[k] = {**fn(), "measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+            except Exception:  # noqa: BLE001 -- one failure must not cost the others (GPU time is short)
+                failed.append(k)
+                print(f"({k}) FAILED:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
+                return
+            finally:
+                free_gpu(device)  # the benchmark's tensors went with its frame
+            shown = {key: v for key, v in res[k].items() if key not in ("found", "acc")}
+            print(f"({k})", json.dumps(shown, default=str)[:1500], file=sys.stderr, flush=True)
+            save()
+
+        def block_inputs():
+            n_keys = 5000 if quick else 50000
+            if real:
+                return ds.train_x[:n_keys], ds.train_y[:n_keys], ds.test_x
+            return random_images(n_keys), torch.arange(n_keys) % 10, random_images(1000, seed=1)
+
+        n_a = 1000 if quick else 5000
+        if "a" in only:
+            bench("a", lambda: bench_extraction(spec, ds.test_x[:n_a] if real else random_images(n_a), device))
+        if "b" in only:
+            bench("b", lambda: bench_grid(1000 if quick else 5000, 10000 if quick else 50000, 4096, device))
+        for k in "cd":
+            if k in only and real:
+                bench(k, lambda k=k: bench_study(k, data_dir, spec, ds, device, quick))
+        if "e" in only and real:
+            bench("e", lambda: bench_projection(data_dir, device, quick))
+        if "f" in only:
+            bench("f", lambda: bench_block(spec, *block_inputs(), block_rows(50000), device, real))
+    save()
+    res = load_results(name) if (RESULTS / name).exists() else res
+    md = res.get("table") or table(res)
+    print(f"{heading(res)}\n\n{md}")
+    print(f"\n(written to {RESULTS / name})", file=sys.stderr)
+    if failed:
+        print(f"benchmarks/run.py: ({'), ('.join(failed)}) failed (tracebacks above); their rows keep the "
+              "last good results, if any.", file=sys.stderr)
+        return 1
+    if args.update_readme:
+        both = [res, load_results("latest-cuda.json")] if device == "cpu" else [load_results("latest.json"), res]
+        update_readme(render(*both))
+    return 0
 
 
 if __name__ == "__main__":

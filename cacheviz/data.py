@@ -11,9 +11,10 @@ import hashlib
 import json
 import os
 import re
+import threading
 import time
 import warnings
-from collections import Counter
+from collections import Counter, OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -269,6 +270,7 @@ def load_dataset(
     data_dir: str | os.PathLike,
     progress: ProgressFn | None = None,
     download: bool = True,
+    listing: tuple | None = None,
 ) -> Dataset:
     """Load a dataset by name as uint8 image tensors.
 
@@ -277,6 +279,7 @@ def load_dataset(
     otherwise the dataset is downloaded into `<data_dir>/downloads/` unless `download` is False.
     Decoded tensors are kept under `<data_dir>/tensors/`, so later calls only read that file.
     In folder trees, images of another size than the most common one are resized to it.
+    `listing`: a folder tree's listing from `inspect_classes`, so the tree is walked once.
     """
     canonical = canonical_name(name)
     data_dir = Path(data_dir).expanduser()
@@ -285,7 +288,7 @@ def load_dataset(
         return _load_digits(progress)
     root = _folder_root(canonical, data_dir)
     if root is not None:
-        return _load_folder(canonical, root, data_dir, progress)
+        return _load_folder(canonical, root, data_dir, progress, listing)
     return _load_torchvision(canonical, data_dir, progress, download)
 
 
@@ -328,15 +331,17 @@ def dataset_fingerprint(name: str, data_dir: str | os.PathLike, max_age: float =
 _TORCHVISION_CLASSES = {"cifar10": 10, "cifar100": 100, "mnist": 10, "fashion-mnist": 10}
 
 
-def class_count(name: str, data_dir: str | os.PathLike) -> int:
-    """How many classes `load_dataset(name, data_dir)` would give, found without decoding."""
+def inspect_classes(name: str, data_dir: str | os.PathLike) -> tuple[int, tuple | None]:
+    """(how many classes `load_dataset(name, data_dir)` would give, the folder tree's listing or
+    None), found without decoding; pass the listing on to `load_dataset`."""
     canonical = canonical_name(name)
     if canonical == "digits":
-        return 10
+        return 10, None
     root = _folder_root(canonical, Path(data_dir).expanduser())
     if root is not None:
-        return len(_folder_source(canonical, root)[1])
-    return _TORCHVISION_CLASSES[canonical]
+        listing = _folder_source(canonical, root)
+        return len(listing[1]), listing
+    return _TORCHVISION_CLASSES[canonical], None
 
 
 def _fingerprint(meta: dict[str, Any]) -> str:
@@ -546,8 +551,9 @@ def _folder_source(canonical: str, root: Path) -> tuple[dict[str, Any], list[str
     return key, classes, files
 
 
-def _load_folder(canonical: str, root: Path, data_dir: Path, progress: ProgressFn | None) -> Dataset:
-    key, classes, files = _folder_source(canonical, root)
+def _load_folder(canonical: str, root: Path, data_dir: Path, progress: ProgressFn | None,
+                 listing: tuple | None = None) -> Dataset:
+    key, classes, files = listing or _folder_source(canonical, root)
     return _cached_dataset(canonical, key, data_dir, lambda: (_decode_folder(root, classes, files, progress), classes))
 
 
@@ -586,6 +592,33 @@ def _cached_dataset(
     """
     path = _tensor_path(canonical, data_dir, str(key["source"]))
     want = _normalised(key)
+    memo_key = json.dumps(want, sort_keys=True)
+    with _MEMO_LOCK:
+        if memo_key in _DATASET_MEMO:
+            _DATASET_MEMO.move_to_end(memo_key)
+            return _DATASET_MEMO[memo_key]
+    ds = _stored_or_built(canonical, path, want, build)
+    with _MEMO_LOCK:
+        _DATASET_MEMO[memo_key] = ds
+        while len(_DATASET_MEMO) > DATASET_MEMO_SIZE:
+            _DATASET_MEMO.popitem(last=False)
+    return ds
+
+
+# A long-lived process (the app's worker, a benchmark) keeps the last datasets it decoded, keyed
+# by their fingerprinted source: a listing that changed is another key, so nothing stale is served.
+DATASET_MEMO_SIZE = 2
+_DATASET_MEMO: "OrderedDict[str, Dataset]" = OrderedDict()
+_MEMO_LOCK = threading.Lock()
+
+
+def forget_decoded() -> None:
+    """Empty the in-process memo of decoded datasets (the tensor files stay)."""
+    with _MEMO_LOCK:
+        _DATASET_MEMO.clear()
+
+
+def _stored_or_built(canonical: str, path: Path, want: dict, build) -> Dataset:
     hit = load_tensors(path)
     if hit is not None:
         tensors, meta = hit

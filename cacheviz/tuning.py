@@ -73,19 +73,21 @@ def grid_search(
     """Accuracy of every (theta, lam) and of cache-only at every theta, on (q, p_net, labels)."""
     _check(q, p_net, labels, memory)
     dev = memory.device
-    correct = torch.zeros(len(thetas), len(lams), dtype=torch.long)
-    correct_co = torch.zeros(len(thetas), dtype=torch.long)
+    # counts stay on the device (no sync per cell); every lam of a theta in one broadcast
+    correct = torch.zeros(len(thetas), len(lams), dtype=torch.long, device=dev)
+    correct_co = torch.zeros(len(thetas), dtype=torch.long, device=dev)
+    lam_t = torch.tensor([float(l) for l in lams], dtype=torch.float32, device=dev).view(-1, 1, 1)
     with torch.no_grad():
         for sl, sims in memory.iter_similarities(q, chunk_size):
             block = memory.block(sims)
             pn = p_net[sl].to(dev, torch.float32)
             y = labels[sl].to(dev)
             for t, (_, pm) in enumerate(block.p_mem_sweep(thetas)):
-                correct_co[t] += int((pm.argmax(1) == y).sum())
-                for l, lam in enumerate(lams):
-                    correct[t, l] += int((combine(pn, pm, lam).argmax(1) == y).sum())
+                correct_co[t] += (pm.argmax(1) == y).sum()
+                correct[t] += (combine(pn, pm, lam_t).argmax(2) == y).sum(1)  # (L, n, C) -> (L,)
             if progress:
                 progress(sl.stop, len(q), "")
+    correct, correct_co = correct.cpu(), correct_co.cpu()
     n = max(len(q), 1)
     baseline = float((p_net.argmax(1) == labels.to(p_net.device)).float().mean())
     return GridResult(list(thetas), list(lams), correct.float() / n, correct_co.float() / n, baseline)

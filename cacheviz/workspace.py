@@ -17,7 +17,7 @@ import torch
 from . import store
 from .cache import CacheMemory
 from .config import Setup
-from .data import Dataset, Split, class_count, load_dataset, make_split
+from .data import Dataset, Split, inspect_classes, load_dataset, make_split
 from .errors import CachevizError
 from .features import extract, list_layers, make_keys, resolve_layers
 from .models import ModelSpec, load_model
@@ -156,14 +156,14 @@ def prepare(
     dev = resolve_device(device)
     spec = load_model(setup.model, data_dir, checkpoint=setup.checkpoint, progress=progress)
     # checked from the listing, before decoding writes anything for a dataset that cannot serve
-    n_classes = class_count(setup.dataset, data_dir)
+    n_classes, listing = inspect_classes(setup.dataset, data_dir)
     if spec.classes is not None and len(spec.classes) != n_classes:
         raise CachevizError(
             f"{spec.name} predicts {len(spec.classes)} classes but {setup.dataset} has {n_classes}",
             f"choose a model trained on {setup.dataset}", "pass {checkpoint} with one",
             param="model", value=setup.model,
         )
-    ds = load_dataset(setup.dataset, data_dir, progress=progress)
+    ds = load_dataset(setup.dataset, data_dir, progress=progress, listing=listing)
     layers = resolve_layers(spec, list(setup.layers) or None)
     split = make_split(
         ds, seed=setup.seed, val_from_train=setup.val_from_train, val_fraction=setup.val_fraction,

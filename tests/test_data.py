@@ -273,6 +273,7 @@ def test_tensor_file_is_reused_then_rebuilt_when_stale_or_corrupt(tmp_path, monk
     assert first.fingerprint == second.fingerprint and first.classes == second.classes
 
     monkeypatch.setattr(data, "_decode_all", real_decode)
+    data.forget_decoded()  # the in-process copy is right; the file is what this test damages
     (tensor_file,) = (cache / "tensors").glob("*.safetensors")
     tensor_file.write_bytes(tensor_file.read_bytes()[:-40] + b"\0" * 40)
     with pytest.warns(UserWarning, match="rebuilt"):

@@ -4,10 +4,14 @@ from __future__ import annotations
 import threading
 import time
 
-from cacheviz.errors import CachevizError
-from cacheviz.progress import Stage
-from cacheviz.ui.jobs import JobBoard
-from cacheviz.ui.messages import message
+import pytest
+
+pytest.importorskip("streamlit")  # cacheviz.ui is the app's package (the jobs module itself is pure Python)
+
+from cacheviz.errors import CachevizError  # noqa: E402
+from cacheviz.progress import Stage  # noqa: E402
+from cacheviz.ui.jobs import JobBoard  # noqa: E402
+from cacheviz.ui.messages import message  # noqa: E402
 
 
 def _wait(job, timeout=5.0):
