@@ -55,7 +55,7 @@ class SimilarityBlock:
     Values are one-hot, so the softmax denominator is the sum of the class masses and needs no
     pass of its own; with the cache grouped by class (`bounds`) a class mass is a contiguous
     row-slice sum, ~4x cheaper than w @ V on the CPU; on a GPU one w @ V kernel beats ten slice
-    sums (1.9x on an H200), so there the product is used. For a sweep over evenly spaced theta,
+    sums (2x on an H200), so there the product is used. For a sweep over evenly spaced theta,
     exp(theta_k s) = exp(theta_0 s) * exp(step s)^k turns every exp after the first two into a
     multiply, but that multiply is only ~1.7x cheaper than an exp pass, so the sweep over the
     default 9 thetas is ~1.1x faster than `p_mem` per theta, not more. (Measured by

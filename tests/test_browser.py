@@ -8,46 +8,25 @@ waits for the gallery and saves a screenshot (its path is printed). Needs Debian
 """
 from __future__ import annotations
 
+import importlib.util
 import os
-import signal
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--no-first-run", "--disable-sync"]
 
 pytestmark = pytest.mark.browser
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_healthy(port: int, proc: subprocess.Popen, timeout: float = 60) -> None:
-    url = f"http://127.0.0.1:{port}/_stcore/health"
-    end = time.time() + timeout
-    while time.time() < end:
-        if proc.poll() is not None:
-            raise RuntimeError(f"streamlit exited with code {proc.returncode}")
-        try:
-            with urllib.request.urlopen(url, timeout=1) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.25)
-    raise TimeoutError(f"streamlit did not answer on port {port} within {timeout} s")
+def _load_harness():
+    """benchmarks/load.py starts and stops the real server for the load test too."""
+    spec = importlib.util.spec_from_file_location("load", REPO / "benchmarks" / "load.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 @pytest.fixture
@@ -55,51 +34,27 @@ def server(tmp_path):
     if not Path(CHROMIUM).exists():
         pytest.skip(f"{CHROMIUM} is missing; install Debian's chromium (apt-get install -y chromium)")
     pytest.importorskip("playwright.sync_api", reason="the Python package playwright is missing (pip install playwright)")
-    port = _free_port()
-    data = tmp_path / "data"
-    env = dict(os.environ, CACHEVIZ_DATA_DIR=str(data), PYTHONUNBUFFERED="1", CACHEVIZ_WORKERS="1")
-    log = open(tmp_path / "streamlit.log", "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true",
-         "--server.port", str(port), "--server.address", "127.0.0.1"],
-        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )
+    load = _load_harness()
+    port = load.free_port()
+    log = tmp_path / "streamlit.log"
+    proc = load.start_server(tmp_path / "data", port, log)
     try:
-        _wait_healthy(port, proc)
         yield f"http://127.0.0.1:{port}/", tmp_path
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(5)
-        log.close()
-        text = (tmp_path / "streamlit.log").read_text()
+        load.stop_server(proc)
+        text = log.read_text()
         assert "Traceback" not in text, text[-3000:]
-
-
-def _digit_png(path: Path) -> Path:
-    """A dark '7' drawn on white paper, as a photo of a handwritten digit would be."""
-    a = np.full((200, 160, 3), 250, np.uint8)
-    a[30:50, 30:130] = 15  # the bar
-    for i in range(120):  # the stem
-        x = 125 - i * 60 // 120
-        a[50 + i, x - 10 : x + 10] = 15
-    Image.fromarray(a).save(path)
-    return path
 
 
 def test_build_upload_and_gallery_in_chromium(server):
     from playwright.sync_api import sync_playwright
 
     url, tmp = server
-    png = _digit_png(tmp / "seven.png")
+    png = _load_harness().digit_png(tmp / "seven.png")
     shots = Path(os.environ.get("CACHEVIZ_SHOTS_DIR") or tmp)
     shots.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=_load_harness().CHROMIUM_ARGS, headless=True)
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 1800})
             t0 = time.perf_counter()
