@@ -45,8 +45,10 @@ def health_url(port: int) -> str:
     return f"http://127.0.0.1:{port}/_stcore/health"
 
 
-def start_server(data_dir: Path, port: int, log_path: Path, extra: list[str] = ()) -> subprocess.Popen:
-    env = dict(os.environ, CACHEVIZ_DATA_DIR=str(data_dir), PYTHONUNBUFFERED="1", CACHEVIZ_WORKERS="1")
+def start_server(data_dir: Path, port: int, log_path: Path, extra: list[str] = (), workers: int = 1
+                 ) -> subprocess.Popen:
+    env = dict(os.environ, CACHEVIZ_DATA_DIR=str(data_dir), PYTHONUNBUFFERED="1", CACHEVIZ_WORKERS=str(workers),
+               CACHEVIZ_LOG_LEVEL="INFO")
     log = open(log_path, "w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true",
@@ -96,6 +98,48 @@ def _tree_rss_mb(pid: int) -> float:
     return total / 1024
 
 
+def _cpu_s(pid: int) -> float:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+def _descendants(pid: int) -> set[int]:
+    found, todo = set(), [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            for task in Path(f"/proc/{p}/task").iterdir():
+                kids = [int(k) for k in (task / "children").read_text().split()]
+                todo.extend(k for k in kids if k not in found)
+                found.update(kids)
+        except (OSError, ValueError):
+            continue
+    return found
+
+
+def cpu_by_process(server_pid: int) -> dict[int, tuple[str, float]]:
+    """CPU seconds so far of the server, its descendants (the fork server and workers) and every
+    browser process, per pid: the monitor keeps each pid's last value, so processes that have
+    exited by the end still count."""
+    out = {server_pid: ("server", _cpu_s(server_pid))}
+    for pid in _descendants(server_pid):
+        out[pid] = ("workers", _cpu_s(pid))
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit() or int(d.name) in out:
+            continue
+        try:
+            stat = (d / "stat").read_text()
+        except OSError:
+            continue
+        comm = stat[stat.find("(") + 1: stat.rfind(")")]
+        if "chrom" in comm or "headless_shell" in comm:
+            out[int(d.name)] = ("browsers", _cpu_s(int(d.name)))
+    return out
+
+
 class Monitor(threading.Thread):
     """Probes the health endpoint every 0.25 s (5 s timeout) and samples the server's memory."""
 
@@ -105,6 +149,8 @@ class Monitor(threading.Thread):
         self.latencies: list[float | None] = []
         self.rss_mb: list[float] = []
         self.stop = threading.Event()
+        self.cpu0 = cpu_by_process(pid)  # before the run: subtracted
+        self.cpu1 = dict(self.cpu0)
 
     def run(self) -> None:
         while not self.stop.is_set():
@@ -116,6 +162,7 @@ class Monitor(threading.Thread):
                 ok = False
             self.latencies.append(time.perf_counter() - t0 if ok else None)
             self.rss_mb.append(_tree_rss_mb(self.pid))
+            self.cpu1.update(cpu_by_process(self.pid))
             self.stop.wait(max(0.0, 0.25 - (time.perf_counter() - t0)))
 
     def summary(self) -> dict:
@@ -124,7 +171,11 @@ class Monitor(threading.Thread):
         # a failed probe counts as slower than any answer
         ranked = ok + [float("inf")] * failed
         p95 = ranked[min(len(ranked) - 1, int(0.95 * len(ranked)))] if ranked else None
-        return {"probes": len(self.latencies), "failed": failed, "p50_s": statistics.median(ok) if ok else None,
+        cpu = dict.fromkeys(("server", "workers", "browsers"), 0.0)
+        for pid, (kind, sec) in self.cpu1.items():
+            cpu[kind] += sec - self.cpu0.get(pid, (kind, 0.0))[1]
+        return {"cpu_s": {k: round(v, 1) for k, v in cpu.items()},
+                "probes": len(self.latencies), "failed": failed, "p50_s": statistics.median(ok) if ok else None,
                 "p95_s": p95, "max_s": ok[-1] if ok else None, "peak_rss_mb": max(self.rss_mb, default=0.0)}
 
 
@@ -143,26 +194,39 @@ def digit_png(path: Path) -> Path:
 
 async def _session(i: int, browser, url: str, barrier: asyncio.Barrier, png: Path, out: dict, timeout_ms: int):
     rec = out[i] = {"errors": []}
-    ctx = await browser.new_context(viewport={"width": 1280, "height": 1600})
+    # a browser profile of its own, as each student's is
+    ctx = await browser.new_context(viewport={"width": 1280, "height": 1600}, reduced_motion="reduce")
     page = await ctx.new_page()
     page.on("pageerror", lambda e: rec["errors"].append(f"page error: {e}"))
+
+    def frame(payload) -> None:
+        # the moment the server's message with the results reaches the browser, before it is drawn
+        data = payload if isinstance(payload, bytes) else str(payload).encode()
+        if "click" in rec and "delivered" not in rec and b"Network alone" in data:
+            rec["delivered"] = time.perf_counter()
+
+    page.on("websocket", lambda ws: ws.on("framereceived", frame))
     try:
         await page.goto(url, timeout=timeout_ms)
         build = page.get_by_role("button", name="Build cache")
         await build.wait_for(timeout=timeout_ms)
         await barrier.wait()
-        rec["click"] = time.perf_counter()
+        rec["click"], rec["click_wall"] = time.perf_counter(), time.time()
         await build.click(timeout=timeout_ms)
         await page.get_by_text("Network alone").wait_for(timeout=timeout_ms)
         rec["results"] = time.perf_counter()
+        rec["step"] = "open Neighbours"
         await page.get_by_role("link", name="Neighbours").first.click(timeout=timeout_ms)
         await page.get_by_text("nearest stored images").wait_for(timeout=timeout_ms)
+        rec["step"] = "upload"
         await page.get_by_text("Upload", exact=True).click(timeout=timeout_ms)
         await page.locator('input[type="file"]').set_input_files(str(png), timeout=timeout_ms)
         await page.get_by_text(f"{png.name} (160×200)").wait_for(timeout=timeout_ms)
+        rec["step"] = "gallery of the upload"
         mass = page.get_by_text("of the similarity mass").first
         await mass.wait_for(timeout=timeout_ms)
         rec["gallery"] = time.perf_counter()
+        rec["step"] = "θ slider"
         before = await mass.inner_text()
         slider = page.locator('[data-testid="stSlider"]', has_text="sharpness").get_by_role("slider")
         await slider.focus()
@@ -175,7 +239,12 @@ async def _session(i: int, browser, url: str, barrier: asyncio.Barrier, png: Pat
             await asyncio.sleep(0.2)
         rec["slider"] = time.perf_counter()
     except Exception as exc:  # recorded, not raised: the other sessions go on
-        rec["errors"].append(f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+        rec["errors"].append(f"{rec.get('step', 'build')}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+        try:
+            await page.screenshot(path=str(png.parent / f"failed-{i}.png"))
+            rec["errors"].append(f"page text: {(await page.inner_text('body'))[-600:]!r}")
+        except Exception:
+            pass
     finally:
         try:
             shown = await page.locator('[data-testid="stException"]').count()
@@ -188,23 +257,43 @@ async def _session(i: int, browser, url: str, barrier: asyncio.Barrier, png: Pat
         await ctx.close()
 
 
-def niced_chromium(folder: Path) -> str:
-    """A launcher that runs Chromium at the lowest CPU priority: the students' browsers stand in
-    for machines of their own, so they must not take the server's cores from it."""
-    path = folder / "chromium-niced"
-    path.write_text(f'#!/bin/sh\nexec nice -n 19 {CHROMIUM} "$@"\n')
-    path.chmod(0o755)
-    return str(path)
+CGROUPS = (  # (folder, file, value): cgroup v1's cpu controller, or v2's
+    (Path("/sys/fs/cgroup/cpu/cacheviz-load-browsers"), "cpu.shares", "2"),
+    (Path("/sys/fs/cgroup/cacheviz-load-browsers"), "cpu.weight", "1"),
+)
 
 
-async def _drive(n: int, url: str, png: Path, timeout_s: float) -> dict:
+def confined_chromium(folder: Path) -> tuple[str, str | None]:
+    """A Chromium launcher that puts the browsers into a CPU cgroup with the smallest share, where
+    this machine allows it (root, a writable cgroup file system): the students' browsers stand
+    in for machines of their own and must not take the server's two cores from it. Chromium sets
+    its processes' nice values itself, so nice cannot do this. Returns (launcher, cgroup or None)."""
+    for group, knob, value in CGROUPS:
+        try:
+            group.mkdir(exist_ok=True)
+            (group / knob).write_text(value)
+        except OSError:
+            continue
+        path = folder / "chromium-confined"
+        path.write_text(f'#!/bin/sh\necho $$ > {group / "cgroup.procs"}\nexec {CHROMIUM} "$@"\n')
+        path.chmod(0o755)
+        return str(path), str(group)
+    return CHROMIUM, None
+
+
+async def _drive(n: int, url: str, png: Path, timeout_s: float, launcher: str) -> dict:
     from playwright.async_api import async_playwright
 
     out: dict[int, dict] = {}
     async with async_playwright() as p:
-        browser = await p.chromium.launch(executable_path=niced_chromium(png.parent), args=CHROMIUM_ARGS,
-                                          headless=True)
+        browser = await p.chromium.launch(executable_path=launcher, args=CHROMIUM_ARGS, headless=True)
         try:
+            # the teacher opens the app first (the server starts its worker then), then the class
+            ctx = await browser.new_context()
+            page = await ctx.new_page()
+            await page.goto(url, timeout=int(timeout_s * 1000))
+            await page.get_by_role("button", name="Build cache").wait_for(timeout=int(timeout_s * 1000))
+            await ctx.close()
             barrier = asyncio.Barrier(n)
             await asyncio.wait_for(
                 asyncio.gather(*(_session(i, browser, url, barrier, png, out, int(timeout_s * 1000))
@@ -215,18 +304,21 @@ async def _drive(n: int, url: str, png: Path, timeout_s: float) -> dict:
     return out
 
 
-def run_load(n: int, data_dir: Path | None = None, timeout_s: float = 300, server_args: list[str] = ()) -> dict:
+def run_load(n: int, data_dir: Path | None = None, timeout_s: float = 300, server_args: list[str] = (),
+             workers: int = 1, confine: bool = True) -> dict:
     """One server on a fresh data directory, N sessions; returns what was measured."""
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         data_dir = data_dir or tmp / "data"
         port = free_port()
         log_path = tmp / "streamlit.log"
-        proc = start_server(data_dir, port, log_path, list(server_args))
+        proc = start_server(data_dir, port, log_path, list(server_args), workers)
         mon = Monitor(port, proc.pid)
         try:
             mon.start()
-            sessions = asyncio.run(_drive(n, f"http://127.0.0.1:{port}/", digit_png(tmp / "seven.png"), timeout_s))
+            launcher, cgroup = confined_chromium(tmp) if confine else (CHROMIUM, None)
+            sessions = asyncio.run(_drive(n, f"http://127.0.0.1:{port}/", digit_png(tmp / "seven.png"), timeout_s,
+                                          launcher))
         finally:
             mon.stop.set()
             mon.join(10)
@@ -235,27 +327,40 @@ def run_load(n: int, data_dir: Path | None = None, timeout_s: float = 300, serve
     clicks = [s["click"] for s in sessions.values() if "click" in s]
     results = [s["results"] - min(clicks) for s in sessions.values() if "results" in s]
     own = [s["results"] - s["click"] for s in sessions.values() if "results" in s]
+    delivered = [s["delivered"] - min(clicks) for s in sessions.values() if "delivered" in s]
+    # the server's own record of handing each session its result (same clock as click_wall)
+    walls = [s["click_wall"] for s in sessions.values() if "click_wall" in s]
+    first: dict[str, float] = {}  # session id -> the first time after the clicks
+    for t, sid in re.findall(r"cacheviz-delivered ([0-9.]+) (\S+) ", log):
+        if walls and float(t) > min(walls):
+            first.setdefault(sid, float(t) - min(walls))
+    sent = sorted(first.values())
     errors = [e for s in sessions.values() for e in s["errors"]]
     if "Traceback" in log:
         errors.append("a traceback in the server log")
     return {
         "n": n, "with_results": len(results), "click_spread_s": (max(clicks) - min(clicks)) if clicks else None,
         "last_results_s": max(results) if len(results) == n else None,
+        "last_delivered_s": max(delivered) if len(delivered) == n else None,
+        "last_sent_s": sent[-1] if len(sent) == n else None,
         "median_results_s": statistics.median(own) if own else None,
         "galleries": sum("gallery" in s for s in sessions.values()),
         "sliders": sum("slider" in s for s in sessions.values()),
-        "health": mon.summary(), "errors": errors,
+        "health": mon.summary(), "errors": errors, "browser_cgroup": cgroup,
         "server_log_tail": log[-2000:] if errors else "",
     }
 
 
-def measure(n: int, timeout_s: float = 300, server_args: list[str] = ()) -> dict:
+def measure(n: int, timeout_s: float = 300, server_args: list[str] = (), workers: int = 1,
+            confine: bool = True) -> dict:
     """One session alone (the yardstick), then N at once; each on a fresh data directory."""
-    alone = run_load(1, timeout_s=timeout_s, server_args=server_args)
-    crowd = run_load(n, timeout_s=timeout_s, server_args=server_args)
+    alone = run_load(1, timeout_s=timeout_s, server_args=server_args, workers=workers, confine=confine)
+    crowd = run_load(n, timeout_s=timeout_s, server_args=server_args, workers=workers, confine=confine)
     ratio = (crowd["last_results_s"] / alone["last_results_s"]
              if crowd["last_results_s"] and alone["last_results_s"] else None)
-    return {"alone": alone, "crowd": crowd, "slowdown": ratio, "goals": GOALS,
+    sent = (crowd["last_sent_s"] / alone["last_sent_s"] if crowd["last_sent_s"] and alone["last_sent_s"] else None)
+    return {"alone": alone, "crowd": crowd, "slowdown": ratio, "slowdown_sent": sent, "goals": GOALS,
+            "workers": workers,
             "measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpus": os.cpu_count()}
 
 
@@ -270,11 +375,18 @@ def table(res: dict) -> str:
         f"| clicks to the last session's results | {fmt(c['last_results_s'])} against {fmt(a['last_results_s'])} "
         f"for one session alone: {res['slowdown']:.2f}x | <= {GOALS['slowdown']}x |" if res["slowdown"] else
         "| clicks to the last session's results | not all sessions got results | |",
+        (f"| clicks to the server handing the last session its results | {fmt(c['last_sent_s'])} against "
+         f"{fmt(a['last_sent_s'])} alone: {res['slowdown_sent']:.2f}x | |" if res.get("slowdown_sent") else
+         "| clicks to the server handing the last session its results | not measured | |"),
         f"| `/_stcore/health` during the run | p50 {fmt(h['p50_s'])}, p95 {fmt(h['p95_s'])}, max {fmt(h['max_s'])}, "
         f"{h['failed']} of {h['probes']} probes unanswered in 5 s | p95 <= {GOALS['health_p95_s']:.0f} s |",
         f"| galleries of the upload, θ slider moved | {c['galleries']} and {c['sliders']} of {c['n']} | all |",
         f"| server memory (process and children), peak | {h['peak_rss_mb']:.0f} MB | bounded |",
         f"| exceptions or tracebacks shown | {len(c['errors'])} | 0 |",
+        f"| where the {c['n']} browsers ran | " + (
+            f"this machine, in a CPU cgroup of the smallest share (`{c['browser_cgroup']}`), standing in for "
+            "the students' own machines" if c.get("browser_cgroup") else
+            "this machine, sharing its cores with the server at full share") + " | |",
     ])
 
 
@@ -284,13 +396,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=float, default=300, help="seconds any one wait may take")
     ap.add_argument("--update-readme", action="store_true")
     ap.add_argument("--server-arg", action="append", default=[], help="extra `streamlit run` option (repeatable)")
+    ap.add_argument("--workers", type=int, default=1, help="CACHEVIZ_WORKERS for the server (0: threads)")
+    ap.add_argument("--share-cores", action="store_true",
+                    help="leave the browsers on the server's cores at full share (no CPU cgroup)")
     args = ap.parse_args(argv)
-    res = measure(args.n, args.timeout, args.server_arg)
-    out = REPO / "benchmarks" / "results" / f"load-{args.n}.json"
+    res = measure(args.n, args.timeout, args.server_arg, args.workers, confine=not args.share_cores)
+    out = REPO / "benchmarks" / "results" / f"load-{args.n}{'-shared-cores' if args.share_cores else ''}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=2))
     md = table(res)
     print(md)
+    print("CPU seconds, alone:", res["alone"]["health"]["cpu_s"], " crowd:", res["crowd"]["health"]["cpu_s"])
     for e in res["crowd"]["errors"][:10]:
         print("error:", e)
     if args.update_readme:

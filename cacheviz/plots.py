@@ -55,6 +55,52 @@ def fig_grid(result: Mapping) -> go.Figure:
     return fig
 
 
+# The largest theta x lam grid drawn as a table of numbers (readable cell by cell); larger ones
+# are drawn by `fig_grid`.
+GRID_TABLE_MAX = 15
+
+
+def grid_table_html(result: Mapping) -> str:
+    """The theta x lam validation accuracies of an `evaluate` result as an HTML table, each cell
+    coloured like `fig_grid`'s heatmap and the chosen one starred.
+
+    The home page shows this rather than a plotly figure: it is what every student sees first,
+    and a table costs a phone no plotting library to load, while the numbers stay readable."""
+    import html
+
+    from plotly.colors import sample_colorscale
+
+    grid = result["grid"]
+    thetas, lams = list(grid["thetas"]), list(grid["lams"])
+    acc = np.asarray(grid["acc"], dtype=float) * 100
+    lo, hi = float(np.nanmin(acc)), float(np.nanmax(acc))
+    span = hi - lo if hi > lo else 1.0
+    head = "".join(f"<th>{lam:g}</th>" for lam in lams)
+    fracs = ((acc - lo) / span).ravel()
+    colours = iter(sample_colorscale("Viridis", [float(f) for f in np.nan_to_num(fracs)]))
+    rows = []
+    for i, theta in enumerate(thetas):
+        tds = []
+        for j, lam in enumerate(lams):
+            v = acc[i, j]
+            frac = (v - lo) / span
+            bg = next(colours)
+            fg = "black" if frac > 0.6 else "white"
+            chosen = theta == result["theta"] and lam == result["lam"]
+            text = f"{'★ ' if chosen else ''}{v:.1f}"
+            weight = ";font-weight:700;outline:2px solid white;outline-offset:-3px" if chosen else ""
+            tds.append(f'<td style="background:{bg};color:{fg}{weight}" '
+                       f'title="θ = {theta:g}, λ = {lam:g}: {v:.2f}%">{text}</td>')
+        rows.append(f'<tr><th>{theta:g}</th>{"".join(tds)}</tr>')
+    caption = html.escape(f"Validation accuracy (%) over θ (rows) × λ (columns); ★ the chosen pair; "
+                          f"without the cache: {result['baseline_acc_val']:.2%}")
+    style = ("<style>table.cv-grid{border-collapse:collapse;font-size:0.85rem}"
+             ".cv-grid th,.cv-grid td{padding:2px 6px;text-align:right;font-variant-numeric:tabular-nums;border:0}"
+             ".cv-grid caption{caption-side:top;text-align:left;padding-bottom:4px}</style>")
+    return (f'{style}<table class="cv-grid"><caption>{caption}</caption>'
+            f'<tr><th>θ \\ λ</th>{head}</tr>{"".join(rows)}</table>')
+
+
 def fig_probs(
     classes: Sequence[str],
     series: Mapping[str, np.ndarray],

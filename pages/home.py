@@ -55,7 +55,11 @@ with ui.guard("home"):
         m[1].metric("λ (tuned)", f"{result['lam']:g}")
         m[2].metric("Fixed by the cache", result["n_fixed"], help="test items wrong for the network, right with the cache")
         m[3].metric("Broken by the cache", result["n_broken"], help="test items right for the network, wrong with the cache")
-        st.plotly_chart(plots.fig_grid(result), key="grid")
+        grid = result["grid"]
+        if max(len(grid["thetas"]), len(grid["lams"])) <= plots.GRID_TABLE_MAX:
+            st.html(plots.grid_table_html(result))
+        else:
+            st.plotly_chart(plots.fig_grid(result), key="grid")
         st.caption(
             f"{result['n_test']:,} test items; θ and λ tuned on {result['n_val']:,} validation items from the "
             f"{result['val_part']} set; cache of {result['n_cache']:,} items with {result['key_dim']:,}-d keys "

@@ -101,20 +101,16 @@ def test_home_page_builds_the_offline_preset(env):
     assert len(at.latex) == 3  # the method's three equations
     assert at.button(key="home_build").label == "Build cache"
     t0 = time.perf_counter()
-    at.button(key="home_build").click().run()
+    at.button(key="home_build").click().run()  # the run follows the build to its end
     _no_problems(at)
-    assert not at.button, "the progress replaces the button while the build runs"
-    assert at.get("progress"), "a progress bar shows the build's stage"
-    _until(at, lambda a: a.metric)
-    _no_problems(at)
+    assert not at.button, "the button is gone: the results took its place"
     labels = {m.label: m.value for m in at.metric}
     for name in ("Network alone", "Cache model", "Cache only (λ = 1)", "θ (tuned)", "λ (tuned)",
                  "Fixed by the cache", "Broken by the cache"):
         assert name in labels, labels
     assert labels["Network alone"].endswith("%")
-    assert any(e.type == "plotly_chart" for e in at.main.children.values() if hasattr(e, "type")) or at.get(
-        "plotly_chart"
-    )
+    grids = [e for e in at.get("html") if "cv-grid" in str(e.proto)]
+    assert len(grids) == 1 and "★" in str(grids[0].proto.body), "the θ × λ grid, the chosen pair starred"
     print(f"offline preset built through the app in {time.perf_counter() - t0:.1f} s")
     # A second session gets the stored result at once, without a build.
     again = AppTest.from_file(APP, default_timeout=TIMEOUT)
@@ -316,3 +312,27 @@ def test_pages_reached_directly_still_get_the_sidebar(env):
     _no_problems(at)
     assert at.sidebar.selectbox(key=ui.K_PRESET).value == ui.OFFLINE
     assert at.title[0].value.startswith("Neighbours")
+
+
+def test_progress_shows_stages_place_in_line_and_eta():
+    """What a watching session sees of a job (drawn from its snapshot)."""
+
+    def page():
+        from cacheviz.ui.panels import _draw_snapshot
+
+        stages = ("load data", "extract train features", "grid search")
+        base = dict(detail="", done=0, total=1, elapsed=3.0, stage_elapsed=1.0, finished=[], error=None,
+                    seconds=None, title="t")
+        _draw_snapshot({**base, "state": "queued", "stage": "", "ahead": 2}, stages)
+        _draw_snapshot({**base, "state": "running", "stage": "extract train features", "ahead": 0,
+                        "detail": "extracting features", "done": 256, "total": 1348, "stage_elapsed": 5.0,
+                        "finished": [("load data", 2.5)]}, stages)
+
+    at = AppTest.from_function(page)
+    at.run()
+    assert not at.exception
+    text = "\n".join(m.value for m in at.markdown)
+    assert "**In line** — 2 jobs ahead of this one" in text
+    assert "load data — 2 s" in text and "**extract train features**" in text
+    (bar,) = at.get("progress")
+    assert "256/1348" in bar.proto.text and "ETA" in bar.proto.text

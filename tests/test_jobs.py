@@ -150,3 +150,23 @@ def test_a_worker_that_dies_fails_its_job_and_is_replaced(tmp_path, data_dir):
     assert bad.error.startswith("Key layers (layer9): digits-cnn has no layer 'layer9'")  # rendered for the app
     ok = _wait(board.start(("ok",), "ok", functools.partial(_sleepy, 0.1)), 60)
     assert ok.state == "done"
+
+
+def test_workers_never_rerun_the_page_script_that_is_main(tmp_path, monkeypatch):
+    """Inside Streamlit `__main__` is the last page script; multiprocessing would run it again in
+    every worker it starts (drawing a page there, or killing the worker if it fails)."""
+    import functools
+    import sys
+    import types
+
+    marker = tmp_path / "ran"
+    script = tmp_path / "page.py"
+    script.write_text(f"open({str(marker)!r}, 'w').write('x')\nraise SystemExit(3)\n")
+    page = types.ModuleType("__main__")
+    page.__file__ = str(script)
+    monkeypatch.setitem(sys.modules, "__main__", page)
+    board = JobBoard(render=message, workers=1)
+    job = _wait(board.start(("p",), "p", functools.partial(_sleepy, 0.1)), 60)
+    assert job.state == "done", job.error
+    assert not marker.exists()
+    assert sys.modules["__main__"] is page

@@ -404,3 +404,20 @@ def test_a_job_over_several_models_reports_prefixed_stages(app_dir, digits_rows)
     stages = [name for name, _ in job.snapshot()["finished"]]
     assert stages == ["b · load data", "b · extract train features", "b · extract test features", "b · layers"]
     assert set(stages) <= set(group.stages) and group.stages[:2] == ("a · load data", "a · extract train features")
+
+
+def test_the_grid_table_shows_every_cell_and_stars_the_chosen_pair():
+    import re
+
+    acc = [[0.5, 0.6, 0.7], [0.55, 0.9, 0.65]]
+    result = {"grid": {"thetas": [10.0, 20.0], "lams": [0.1, 0.5, 0.9], "acc": acc},
+              "theta": 20.0, "lam": 0.5, "baseline_acc_val": 0.5}
+    html = plots.grid_table_html(result)
+    cells = re.findall(r"<td[^>]*>([^<]*)</td>", html)
+    assert cells == ["50.0", "60.0", "70.0", "55.0", "★ 90.0", "65.0"]
+    assert re.findall(r'title="θ = (\S+), λ = (\S+):', html)[4] == ("20", "0.5")
+    colours = re.findall(r"background:(rgb\([^)]*\))", html)
+    assert len(set(colours)) == 6  # every accuracy its own colour; the lowest and highest at the ends
+    assert colours[0] == "rgb(68, 1, 84)" and colours[4] == "rgb(253, 231, 37)"
+    flat = dict(result, grid=dict(result["grid"], acc=[[0.5] * 3] * 2))  # one value: no division by 0
+    assert re.findall(r"<td[^>]*>([^<]*)</td>", plots.grid_table_html(flat)).count("50.0") == 5

@@ -11,6 +11,9 @@
 Pages read widgets, build a study, look it up or run it through `panels`, and draw; they use
 the names re-exported here.
 """
+import logging as _logging
+import os as _os
+
 from .jobs import Job, JobBoard
 from .messages import WIDGETS, markdown_text, message, upload_name
 from .nav import ensure_entrypoint, entrypoint_started, page_config, pages
@@ -23,6 +26,17 @@ from .studies import (EXACT_LIMIT_GB, SWEEP_DIMS, cli_flags, compare_defaults, l
                       size_sweep, sweep_feature_bytes, sweep_lock, table1_sweep)
 from .tables import (export_buttons, layer_table, parse_numbers, pct, size_summary_table, size_table,
                      table1_wide)
+
+# The app's own log: errors always; CACHEVIZ_LOG_LEVEL=INFO adds jobs' stages and when each
+# session's run had its result (benchmarks/load.py reads them); an unknown level means WARNING.
+_log = _logging.getLogger("cacheviz.app")
+if not _log.handlers:
+    _handler = _logging.StreamHandler()
+    _handler.setFormatter(_logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    _log.addHandler(_handler)
+    _level = _os.environ.get("CACHEVIZ_LOG_LEVEL", "WARNING").upper()
+    _log.setLevel(_level if _level in ("DEBUG", "INFO", "WARNING", "ERROR") else "WARNING")
+    _log.propagate = False
 
 __all__ = [
     "Job", "JobBoard", "WIDGETS", "message", "markdown_text", "upload_name", "ensure_entrypoint", "entrypoint_started", "page_config", "pages",

@@ -5,7 +5,7 @@ Pure Python (no Streamlit), so it is unit-tested on its own with real threads an
 session asking for the same work follows the job already queued or running instead of starting
 another; a page switch does not stop it; finished jobs stay listed (the newest `keep`) so late
 visitors see how they ended. With `workers` >= 1 jobs wait in one first-come-first-served line
-for that many worker processes (`worker.py`) and each sees its place in the line; with 0 each
+for that many worker processes (`cacheviz/workers.py`) and each sees its place in the line; with 0 each
 runs in a thread of this process (tests).
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 from ..errors import CachevizError
 from ..progress import Stage
-from .worker import ProcessRunner, next_id
+from ..workers import ProcessRunner, next_id
 
 log = logging.getLogger("cacheviz.app")
 
@@ -61,15 +61,19 @@ class Job:
         with self._lock:
             if self.state == "queued":
                 self.state, self.ahead, self.stage_t0 = "running", 0, now
+        log.info("cacheviz-job-started %.3f %s", now, self.title)
 
     def stage(self, name: str) -> None:
         now = time.time()
         with self._lock:
             if self.stage_name and self.stage_name != name:
                 self.finished_stages.append((self.stage_name, now - self.stage_t0))
-            if self.stage_name != name:
+            changed = self.stage_name != name
+            if changed:
                 self.stage_name, self.stage_t0 = name, now
             self.detail, self.done, self.total = "", 0, 1
+        if changed:
+            log.info("cacheviz-job-stage %.3f %s: %s", now, self.title, name)
 
     def step(self, done: int, total: int, detail: str = "") -> None:
         with self._lock:
@@ -87,6 +91,8 @@ class Job:
             self.seconds = now - self.t0
             self.state = "failed" if error else "done"
         self.finished.set()
+        log.info("cacheviz-job-%s %.3f %s after %.2f s%s", self.state, now, self.title, self.seconds,
+                 f": {error}" if error else "")
 
     def snapshot(self) -> dict:
         with self._lock:

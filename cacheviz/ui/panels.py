@@ -89,14 +89,33 @@ def _draw_snapshot(snap: dict, stages: tuple[str, ...]) -> None:
         st.caption(f"Elapsed {_fmt_s(snap['elapsed'])}. You may switch pages; the work goes on.")
 
 
-@st.fragment(run_every=1.0)
-def show_progress(job: Job, stages: tuple[str, ...]) -> None:
-    """The job's stages and progress, redrawn every second on its own; when the job ends, the
-    whole page runs again and shows the result."""
-    snap = job.snapshot()
-    if snap["state"] not in ("queued", "running"):
-        st.rerun()
-    _draw_snapshot(snap, stages)
+def follow(job: Job, stages: tuple[str, ...]) -> None:
+    """Draw the job's stages and progress until it ends, in this script run.
+
+    One loop per watching session that sleeps on the job's own event, rather than a fragment
+    rerun every second per session: thirty sessions watching one build cost the server thirty
+    small redraws a second instead of thirty script runs, and each session goes on to its
+    result the moment the job ends. Any click or page switch interrupts the loop (Streamlit stops
+    a run at its next command); the job goes on."""
+    box = st.empty()
+    while True:
+        snap = job.snapshot()
+        with box.container():
+            _draw_snapshot(snap, stages)
+        if snap["state"] not in ("queued", "running"):
+            break
+        job.finished.wait(1.0)
+    box.empty()
+
+
+def _handed_over(study) -> None:
+    """Log (at INFO, CACHEVIZ_LOG_LEVEL=INFO) the moment this session's run has the study's
+    result to draw: benchmarks/load.py reads it to tell server time from browser time."""
+    if log.isEnabledFor(logging.INFO):
+        from streamlit.runtime.scriptrunner import get_script_run_ctx
+
+        ctx = get_script_run_ctx()
+        log.info("cacheviz-delivered %.3f %s %s", time.time(), ctx.session_id if ctx else "-", study.title)
 
 
 @contextmanager
@@ -136,26 +155,32 @@ def study_panel(study, choice: Choice, key: str, label: str, refusal: str | None
     """
     result = study.lookup(choice.data_dir, max_age=LOOKUP_MAX_AGE)
     if result is not None:
+        _handed_over(study)
         return result
     job = jobs().get(job_key(study, choice.data_dir))
-    if job is not None and job.active:
-        show_progress(job, study.stages)  # also when another session started it
-        return None
-    if refusal:
-        st.warning(refusal, icon=":material/memory:")
-        return None
-    if note and job is None:
-        st.info(note)
-    if st.button(label, type="primary", key=button_key or f"{key}_run", icon=":material/play_arrow:"):
-        start(study, choice, lock_key)
-        st.rerun()  # the next run shows the progress in the button's place
-    if job is not None and job.state == "failed":
-        msg = job.error or "The last run failed; try again."
-        if offer_offline:
-            show_problem(msg, key=f"{key}_failed")
-        else:
-            st.error(msg)
-    return None
+    if job is None or not job.active:
+        if refusal:
+            st.warning(refusal, icon=":material/memory:")
+            return None
+        if note and job is None:
+            st.info(note)
+        slot = st.empty()
+        if not slot.button(label, type="primary", key=button_key or f"{key}_run", icon=":material/play_arrow:"):
+            if job is not None and job.state == "failed":
+                msg = job.error or "The last run failed; try again."
+                if offer_offline:
+                    show_problem(msg, key=f"{key}_failed")
+                else:
+                    st.error(msg)
+            return None
+        slot.empty()  # the progress takes the button's place
+        job = start(study, choice, lock_key)
+    follow(job, study.stages)  # also when another session started it
+    if job.state == "done":
+        result = study.lookup(choice.data_dir, max_age=LOOKUP_MAX_AGE)
+        _handed_over(study)
+        return result
+    st.rerun()  # the next run says why it failed, with the button to try again
 
 
 def build_panel(choice: Choice, key: str) -> dict | None:
@@ -212,8 +237,7 @@ def load_index(choice: Choice, result: dict, layers: tuple[str, ...] = (), key: 
                 break
             time.sleep(0.1)
     if job.active:
-        show_progress(job, INDEX_STAGES)
-        return None
+        follow(job, INDEX_STAGES)
     if job.state == "failed":
         st.rerun()  # shown, with "Try again", by the next run
     return cache_index(choice.setup, str(choice.data_dir), choice.device, result_tag(result), layers)

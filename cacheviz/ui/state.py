@@ -33,6 +33,10 @@ FRACTIONS = [1, 2, 5, 10, 20, 25, 50, 75, 100]
 # Session-state keys of the sidebar widgets (selections only; never tensors).
 K_PRESET, K_DATASET, K_MODEL, K_LAYERS = "cv_preset", "cv_dataset", "cv_model", "cv_layers"
 K_FRACTION, K_FLIP, K_DEVICE = "cv_fraction", "cv_flip", "cv_device"
+WIDGET_KEYS = (K_PRESET, K_DATASET, K_MODEL, K_LAYERS, K_FRACTION, K_FLIP, K_DEVICE)
+# A copy of the selections outside the widgets' own keys: Streamlit drops a widget's state after
+# a run that did not draw it, and a run cut short in a busy class must not reset the setup.
+K_KEPT = "cv_kept"
 
 
 def data_dir() -> Path:
@@ -162,6 +166,10 @@ def _on_model() -> None:
 
 def _init_state() -> None:
     s = st.session_state
+    kept = s.get(K_KEPT) or {}
+    for k in WIDGET_KEYS:
+        if k not in s and k in kept:
+            s[k] = kept[k]
     if K_PRESET not in s:
         apply_preset(OFFLINE)
     s.setdefault(K_DEVICE, "auto")
@@ -220,6 +228,14 @@ def sidebar() -> Choice:
     that page and would lose their values when the user switches pages.
     """
     _init_state()
+    s = st.session_state
+    for k in WIDGET_KEYS:
+        # Set through the Session State API on every run, so each widget's message carries its
+        # value: a browser that lost its own copy of the sidebar's widget states (a run cut short
+        # by a page switch, under load) would otherwise fall back to each widget's default (1% of
+        # the cache, no key layers) and send that back as the user's choice.
+        if k in s:
+            s[k] = s[k]
     sb = st.sidebar
     sb.subheader("Setup")
     sb.selectbox("Preset", [*PRESETS, CUSTOM], key=K_PRESET, on_change=apply_preset,
@@ -242,6 +258,7 @@ def sidebar() -> Choice:
                 help="Doubles the cache with mirrored images (the author's code did, for CIFAR).")
     sb.selectbox("Device", devices(), key=K_DEVICE)
     choice = current()
+    st.session_state[K_KEPT] = {k: st.session_state[k] for k in WIDGET_KEYS if k in st.session_state}
     if choice.problem:
         sb.warning("This setup cannot be loaded here; the page says why.", icon=":material/warning:")
         sb.button(f"Use {OFFLINE}", on_click=apply_preset, args=(OFFLINE,), key="sb_offline")

@@ -1,9 +1,12 @@
 """Compute outside the server: worker processes fed from one first-come-first-served line.
 
-Pure Python (no Streamlit). The server process only serves pages; a build, a sweep or a key
-extraction runs in a spawned worker, so its Python loops never hold the server's GIL, and a
-worker that dies (killed, out of memory) fails its job with one sentence and is replaced,
-while the server goes on. Progress comes back over a queue as `(job id, kind, payload)`.
+Pure Python (no Streamlit: the app's job board uses it, and a worker imports only the engine).
+The server process only serves pages; a build, a sweep or a key extraction runs in a worker, so
+its Python loops never hold the server's GIL, and a worker that dies (killed, out of memory)
+fails its job with one sentence and is replaced, while the server goes on. Workers are forked
+from a fork server that imported the engine once, so a new or replacement worker starts at
+once rather than after seconds of imports. Progress comes back over a queue as
+`(job id, kind, payload)`.
 """
 from __future__ import annotations
 
@@ -16,10 +19,12 @@ import sys
 import threading
 import time
 import traceback
+import types
 from collections import deque
+from contextlib import contextmanager
 from typing import Any, Callable
 
-from ..errors import CachevizError
+from .errors import CachevizError
 
 log = logging.getLogger("cacheviz.app")
 
@@ -56,7 +61,7 @@ def _worker_main(tasks, events, parent: int) -> None:
         try:
             item = tasks.get(timeout=1.0)
         except queue.Empty:
-            if os.getppid() != parent:  # the server died: nobody will read our results
+            if not _alive(parent):  # the server died: nobody will read our results
                 return
             continue
         if item is None:
@@ -75,6 +80,17 @@ def _worker_main(tasks, events, parent: int) -> None:
             events.put((job_id, "crash", type(exc).__name__))
 
 
+def _alive(pid: int) -> bool:
+    # not os.getppid(): a worker's parent is the fork server, not the app's server
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 class _Slot:
     """One worker process and the job it is running."""
 
@@ -89,7 +105,30 @@ class _Slot:
             self.tasks = self.ctx.Queue()
             self.proc = self.ctx.Process(target=_worker_main, args=(self.tasks, events, os.getpid()),
                                          name="cacheviz-worker", daemon=True)
-            self.proc.start()
+            with _plain_main():
+                self.proc.start()
+
+
+_MAIN_LOCK = threading.Lock()
+
+
+@contextmanager
+def _plain_main():
+    """Start processes as if `__main__` had no file.
+
+    multiprocessing re-runs the parent's `__main__` in every fork server and worker it starts;
+    inside Streamlit `__main__` is the page script that ran last (in tests, an AppTest script),
+    which must not run again in a worker: it would draw a page there, or fail and kill the
+    worker. The workers need only `cacheviz`, which they import by name."""
+    with _MAIN_LOCK:
+        real = sys.modules.get("__main__")
+        stub = types.ModuleType("__main__")
+        sys.modules["__main__"] = stub
+        try:
+            yield
+        finally:
+            if sys.modules.get("__main__") is stub:  # a script run may have set its own meanwhile
+                sys.modules["__main__"] = real
 
 
 class ProcessRunner:
@@ -100,7 +139,7 @@ class ProcessRunner:
     """
 
     def __init__(self, workers: int, render: Callable[[CachevizError], str], memory_message: str):
-        self.ctx = mp.get_context("spawn")
+        self.ctx = _context()
         self.events = self.ctx.Queue()
         self.render, self.memory_message = render, memory_message
         self.line: deque = deque()
@@ -177,6 +216,21 @@ class ProcessRunner:
                 job.finish(f"The work failed unexpectedly ({payload}); see the server log and try again.")
             if job.finished.is_set():
                 self.jobs.pop(job_id, None)
+
+
+# What a fork server imports once for all its workers (the engine, torch with it).
+PRELOAD = ["cacheviz.workers", "cacheviz.experiment", "cacheviz.sweeps", "cacheviz.retrieval"]
+
+
+def _context():
+    """A fork server where there is one (Linux, macOS): workers fork from a clean process that has
+    imported the engine and run nothing; elsewhere spawn, which imports it per worker."""
+    try:
+        ctx = mp.get_context("forkserver")
+    except ValueError:
+        return mp.get_context("spawn")
+    ctx.set_forkserver_preload(PRELOAD)
+    return ctx
 
 
 _IDS = itertools.count(1)
