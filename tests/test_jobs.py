@@ -170,3 +170,15 @@ def test_workers_never_rerun_the_page_script_that_is_main(tmp_path, monkeypatch)
     assert job.state == "done", job.error
     assert not marker.exists()
     assert sys.modules["__main__"] is page
+
+
+def test_a_job_counts_its_watchers_and_never_below_zero():
+    board = JobBoard(render=message)
+    job = board.start(("w",), "w", lambda job: time.sleep(0.05))
+    job.watch(+1)
+    job.watch(+1)
+    assert job.watchers == 2
+    for _ in range(3):
+        job.watch(-1)
+    assert job.watchers == 0
+    assert _wait(job).state == "done"

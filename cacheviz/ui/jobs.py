@@ -38,6 +38,7 @@ class Job:
     done: int = 0
     total: int = 1
     ahead: int = 0  # while queued: jobs before it in the line (running ones included)
+    watchers: int = 0  # sessions drawing its progress now
     t0: float = field(default_factory=time.time)
     stage_t0: float = field(default_factory=time.time)
     finished_stages: list = field(default_factory=list)  # [(stage, seconds)]
@@ -50,6 +51,10 @@ class Job:
     @property
     def active(self) -> bool:
         return self.state in ("queued", "running")
+
+    def watch(self, delta: int) -> None:
+        with self._lock:
+            self.watchers = max(0, self.watchers + delta)
 
     def queued(self, ahead: int) -> None:
         with self._lock:

@@ -27,6 +27,8 @@ log = logging.getLogger("cacheviz.app")
 # again at most this often (seconds).
 LOOKUP_MAX_AGE = 5.0
 INDEX_STAGES = (Stage.LOAD, Stage.TRAIN_FEATURES)
+# Progress redraws per second of all sessions watching one job together (each at most 1/s).
+REDRAWS_PER_S = 8
 
 
 def use_offline_preset_button(key: str) -> None:
@@ -96,15 +98,23 @@ def follow(job: Job, stages: tuple[str, ...]) -> None:
     rerun every second per session: thirty sessions watching one build cost the server thirty
     small redraws a second instead of thirty script runs, and each session goes on to its
     result the moment the job ends. Any click or page switch interrupts the loop (Streamlit stops
-    a run at its next command); the job goes on."""
+    a run at its next command); the job goes on.
+
+    The redraws of all sessions together are bounded: with more than `REDRAWS_PER_S` watchers
+    each redraws less often (thirty watchers: every 3.75 s), so a class does not take the CPU
+    from the build it watches. The end of the job wakes every watcher at once."""
     box = st.empty()
-    while True:
-        snap = job.snapshot()
-        with box.container():
-            _draw_snapshot(snap, stages)
-        if snap["state"] not in ("queued", "running"):
-            break
-        job.finished.wait(1.0)
+    job.watch(+1)
+    try:
+        while True:
+            snap = job.snapshot()
+            with box.container():
+                _draw_snapshot(snap, stages)
+            if snap["state"] not in ("queued", "running"):
+                break
+            job.finished.wait(max(1.0, job.watchers / REDRAWS_PER_S))
+    finally:
+        job.watch(-1)
     box.empty()
 
 
