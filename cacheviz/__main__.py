@@ -163,8 +163,20 @@ def cmd_layers(args) -> int:
     from .models import load_model
     from .store import check_data_dir
 
+    from .errors import CachevizError
+    from .models import architecture_only, default_keys_reason
+
     check_data_dir(_data_dir(args))
-    spec = load_model(_model_name(args.model), _data_dir(args), checkpoint=args.checkpoint)
+    name = _model_name(args.model)
+    note = None
+    try:
+        spec = load_model(name, _data_dir(args), checkpoint=args.checkpoint)
+    except CachevizError as exc:
+        # layers, shapes and defaults need the architecture only: list them without the weights
+        spec = architecture_only(name) if args.checkpoint is None else None
+        if spec is None:
+            raise
+        note = f"weights not loaded ({exc.problem}); the layers come from the architecture alone"
     infos = list_layers(spec)
     default = set(spec.default_layers)
     if args.json:
@@ -176,6 +188,9 @@ def cmd_layers(args) -> int:
     for i in infos:
         mark = "  (default key)" if i.name in default else ""
         print(f"{i.name:<{w}}  {'x'.join(map(str, i.shape)):<14} {i.dim:>8}  {i.depth:.3f}{mark}")
+    print(f"default keys: {', '.join(spec.default_layers)}: {default_keys_reason(spec.name)}")
+    if note:
+        print(f"note: {note}")
     return 0
 
 

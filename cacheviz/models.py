@@ -222,9 +222,38 @@ def _cifar_resnet_layers(depth: int) -> tuple[list[tuple[str, float]], list[str]
             k += 1
     # avgpool has no weights, so it sits at the same l as the last block's output.
     layers += [("avgpool", (L - 1) / L), ("logits", 1.0)]
-    # The author's choice for ResNet20: the mid-block ReLU of every stage-3 block.
-    defaults = [f"layer3.{i}.relu1" for i in range(n)]
-    return layers, defaults
+    return layers, cifar_resnet_default_keys(depth)
+
+
+# The author's own key layers where his code shows them (ResNet20 and ResNet32).
+AUTHOR_KEYS = {
+    20: ["layer3.0.relu1", "layer3.1.relu1", "layer3.2.relu1"],
+    32: ["layer3.0", "layer3.2.relu1", "layer3.3"],
+}
+
+
+def cifar_resnet_default_keys(depth: int) -> list[str]:
+    """Three stage-3 layers spread over the stage (stage 3's layers are 8x8x64 = 4096 values).
+
+    ResNet20 and ResNet32: the author's own (`AUTHOR_KEYS`). Other depths are spread like his
+    (for ResNet56 he took blocks 0, 4 and 8 of 9): the first block's output, the middle block's
+    mid-block ReLU (as in his ResNet32 choice) and the last block's output. With fewer than three
+    blocks, every block's mid-block ReLU."""
+    n = _blocks_per_stage(depth)
+    if depth in AUTHOR_KEYS:
+        return list(AUTHOR_KEYS[depth])
+    if n < 3:
+        return [f"layer3.{i}.relu1" for i in range(n)]
+    return ["layer3.0", f"layer3.{n // 2}.relu1", f"layer3.{n - 1}"]
+
+
+def cifar_resnet_architecture(depth: int) -> ModelSpec:
+    """A CIFAR ResNet's spec without its weights (random init): enough to list its layers,
+    their shapes and its default keys, never to compute a result (its `weights_id` says so)."""
+    layers, defaults = _cifar_resnet_layers(depth)
+    return ModelSpec(name=f"resnet{depth}", net=build_cifar_resnet(depth), input_size=(32, 32), in_channels=3,
+                     mean=CIFAR_MEAN, std=CIFAR_STD, classes=list(CIFAR10_CLASSES), layers=layers,
+                     default_layers=defaults, weights_id="architecture-only")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -697,3 +726,23 @@ def load_model(
     if m:
         return _load_cifar_resnet(int(m.group(1)), data_dir, ckpt, progress)
     raise _unknown_model(name)
+
+
+def default_keys_reason(name: str) -> str:
+    """Why `name`'s default key layers are what they are (for `layers` and the app)."""
+    m = re.fullmatch(r"resnet(\d+)", str(name).strip().lower())
+    if m:
+        depth = int(m.group(1))
+        if depth in AUTHOR_KEYS:
+            return f"the author's own key layers for ResNet{depth}"
+        if _blocks_per_stage(depth) < 3:
+            return "every stage-3 block's mid-block ReLU (fewer than three blocks)"
+        return ("three stage-3 layers spread over the stage like the author's (for ResNet56 he took blocks "
+                "0, 4 and 8): the first block's output, the middle block's mid-block ReLU, the last block's output")
+    return "the model's last hidden layer before the output"
+
+
+def architecture_only(name: str) -> ModelSpec | None:
+    """`name`'s spec without weights when its architecture is known here (CIFAR ResNets), else None."""
+    m = re.fullmatch(r"resnet(\d+)", str(name).strip().lower())
+    return cifar_resnet_architecture(int(m.group(1))) if m else None

@@ -204,7 +204,7 @@ def test_download_asks_for_the_published_file(tmp_path, monkeypatch):
     spec = load_model("resnet56", tmp_path)
     assert calls == [(models.RESNET_URL.format("resnet56-4bfd9763.th"), "4bfd9763")]
     assert (tmp_path / "checkpoints" / "resnet56-4bfd9763.th").exists()
-    assert len(spec.default_layers) == 9
+    assert spec.default_layers == ["layer3.0", "layer3.4.relu1", "layer3.8"]  # blocks 0, 4 and 8 of 9
     calls.clear()
     load_model("resnet56", tmp_path)
     assert calls == []
@@ -429,3 +429,35 @@ def test_shared_resnet20_accuracy(tmp_path):
         pred = torch.cat([spec.net(spec.preprocess(x[i : i + 500])).argmax(1) for i in range(0, len(x), 500)])
     acc = (pred == y).float().mean().item()
     assert abs(acc - 0.81) <= 0.02, f"accuracy {acc:.3f}"
+
+
+@pytest.mark.parametrize("depth", [8, 14, 20, 32, 44, 56, 110, 1202])
+def test_default_keys_are_three_stage3_layers_spread_over_the_stage(depth):
+    n = (depth - 2) // 6
+    keys = models.cifar_resnet_default_keys(depth)
+    names = [name for name, _ in models._cifar_resnet_layers(depth)[0]]
+    assert set(keys) <= set(names) and all(k.startswith("layer3.") for k in keys)
+    assert len(set(keys)) == min(3, n)
+    blocks = [int(k.split(".")[1]) for k in keys]
+    assert blocks == sorted(blocks)
+    if depth == 20:
+        assert keys == ["layer3.0.relu1", "layer3.1.relu1", "layer3.2.relu1"]  # the author's
+    elif depth == 32:
+        assert keys == ["layer3.0", "layer3.2.relu1", "layer3.3"]  # the author's
+    elif n >= 3:
+        assert keys == ["layer3.0", f"layer3.{n // 2}.relu1", f"layer3.{n - 1}"]
+        assert blocks[0] == 0 and blocks[-1] == n - 1  # the first and last blocks: spread over the stage
+
+
+def test_layers_lists_a_resnet_without_its_weights_and_says_why_the_defaults(tmp_path, capsys, monkeypatch):
+    from cacheviz.__main__ import main
+
+    def offline(*args, **kwargs):
+        raise OSError("no network")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    assert main(["layers", "--model", "resnet56", "--data-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "layer3.4.relu1" in out and "default keys: layer3.0, layer3.4.relu1, layer3.8" in out
+    assert "blocks 0, 4 and 8" in out and "weights not loaded" in out
+    assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").iterdir())
