@@ -23,7 +23,7 @@ from .errors import CachevizError
 FLAGS = {
     "dataset": "--dataset", "model": "--model", "layers": "--layers", "checkpoint": "--checkpoint PATH",
     "device": "--device", "train_limit": "--train-limit", "test_limit": "--test-limit",
-    "val_from_train": "--val-from-train", "val_fraction": "the validation share", "grid": "--grid",
+    "val_from_train": "--val-from-train", "val_fraction": "the validation share", "grid": "--grid", "theta_max": "--theta-max",
     "project_dim": "--project-dim", "batch_size": "--batch-size", "seed": "--seed", "fractions": "--fractions",
     "seeds": "--seeds", "combine_top": "--combine-top", "out": "--out", "json": "--json", "theta": "theta",
     "lam": "lam", "data_dir": "--data-dir",
@@ -100,6 +100,18 @@ def _nonneg(text: str) -> int:
     return _whole(text, 0)
 
 
+def _number(text: str) -> float:
+    import math
+
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"'{text}' is not a finite number")
+    return v
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m cacheviz", description="The cache model of Orhan (NeurIPS 2018), headless.")
     p.add_argument("--debug", action="store_true", help="show tracebacks of unexpected errors")
@@ -123,6 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--val-from-train", type=_nonneg, default=0, metavar="N",
                      help="tune on N held-out training items (paper's CIFAR protocol) instead of half the test set")
     exp.add_argument("--grid", type=_grid, default=(9, 9), help="theta x lam grid resolution (default 9x9)")
+    exp.add_argument("--theta-max", type=_number, default=90.0, metavar="T",
+                     help="the grid's largest theta (default 90, the paper's; raise it when the best theta is on the edge)")
     exp.add_argument("--seed", type=int, default=0)
     exp.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
     exp.add_argument("--batch-size", type=_positive, default=256)
@@ -176,7 +190,7 @@ def cmd_layers(args) -> int:
         spec = architecture_only(name) if args.checkpoint is None else None
         if spec is None:
             raise
-        note = f"weights not loaded ({exc.problem}); the layers come from the architecture alone"
+        note = f"the layers come from the architecture alone; the weights were not loaded: {exc.render(FLAGS)}"
     infos = list_layers(spec)
     default = set(spec.default_layers)
     if args.json:
@@ -227,7 +241,7 @@ def _setup(args, model: str | None = None, project_dim: int | None = None):
         checkpoint=str(Path(args.checkpoint).resolve()) if args.checkpoint else None,
         flip=args.flip, train_limit=args.train_limit, test_limit=args.test_limit, seed=args.seed,
         val_from_train=args.val_from_train, project_dim=project_dim,
-        n_theta=args.grid[0], n_lam=args.grid[1],
+        n_theta=args.grid[0], n_lam=args.grid[1], theta_max=args.theta_max,
     )
 
 
@@ -297,6 +311,17 @@ def cmd_table1(args) -> int:
     return _run_rows(study, args, ["model", "dataset", "variant", "error", "theta", "lam", "layers"])
 
 
+def edge_note(r: dict) -> str | None:
+    """A sentence when a tuned theta is the grid's first or last value."""
+    which = [name for name, flag in (("theta", "theta_on_edge"), ("the cache-only theta", "theta_cache_only_on_edge"))
+             if r.get(flag)]
+    if not which:
+        return None
+    thetas = r["grid"]["thetas"]
+    return (f"{' and '.join(which)} landed on the grid's edge ({thetas[0]:g}..{thetas[-1]:g}): the best may lie "
+            f"outside it; try --theta-max {2 * thetas[-1]:g}")
+
+
 def cmd_evaluate(args) -> int:
     from .experiment import Evaluate
     from .rows import check_out_path, json_bytes
@@ -314,6 +339,9 @@ def cmd_evaluate(args) -> int:
         print(f"{label.format(**r):<26}{val:>9}{r[kt]:>10.2%}   {hp.format(**r) if hp else ''}", file=out)
     print(f"cache fixed {r['n_fixed']} and broke {r['n_broken']} of the network's test answers; "
           f"{r['seconds']:.1f}s on {r['device']}", file=out)
+    edge = edge_note(r)
+    if edge:
+        print(f"note: {edge}", file=out)
     if args.json == "-":
         print(json.dumps(r, indent=2))
     elif args.json:

@@ -10,6 +10,9 @@ from .errors import CachevizError
 MAX_GRID = 101
 # Seeds feed torch generators and the projection's seed arithmetic: 31 bits keep both exact.
 MAX_SEED = 2**31 - 1
+# The grid's theta starts at 10 (the paper's lower end); its top may be raised up to MAX_THETA
+# (similarities are at most 1, and exp(theta * (s - max s)) is computed safely at any theta).
+MIN_THETA_MAX, MAX_THETA = 10.0, 10000.0
 
 # The model a dataset gets when none is named.
 DEFAULT_MODEL = {"digits": "digits-cnn", "cifar10": "resnet20"}
@@ -32,6 +35,7 @@ class Setup:
     project_dim: int | None = None  # layers wider than this get a seeded random projection
     n_theta: int = 9
     n_lam: int = 9
+    theta_max: float = 90.0  # the grid's theta runs from 10 to this (the paper: 90)
 
     def __post_init__(self):
         for name in ("train_limit", "test_limit", "project_dim"):
@@ -48,6 +52,15 @@ class Setup:
         if not (1 <= self.n_theta <= MAX_GRID and 1 <= self.n_lam <= MAX_GRID):
             raise CachevizError(f"give 1 to {MAX_GRID} values of theta and of lam", "use e.g. 9x9 (the author used 33x33)",
                                 param="grid", value=f"{self.n_theta}x{self.n_lam}")
+        try:
+            ok = isinstance(self.theta_max, (int, float)) and not isinstance(self.theta_max, bool) and \
+                MIN_THETA_MAX < float(self.theta_max) <= MAX_THETA
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise CachevizError(f"give a largest theta above {MIN_THETA_MAX:g} and at most {MAX_THETA:g}",
+                                "use e.g. 180 to look past the paper's 90", param="theta_max", value=self.theta_max)
+        object.__setattr__(self, "theta_max", float(self.theta_max))
         object.__setattr__(self, "layers", tuple(self.layers))
 
     def to_dict(self) -> dict:

@@ -15,7 +15,7 @@ from .config import Setup
 from .errors import CachevizError
 from .progress import Stage
 from .study import KNN_K, Run, Study, rounded, score_keys
-from .tuning import default_grid
+from .tuning import default_grid, on_edge
 from .workspace import ExperimentData
 
 PICK_TENSORS = ("test_idx", "y", "pred_net", "pred_cache", "pred_cache_only", "p_net", "p")
@@ -66,7 +66,7 @@ class Evaluate(Study):
         setup = self.setup
         ws = run.prepare(setup)
         data = ExperimentData(ws, ws.layers, run.progress)
-        thetas, lams = default_grid(setup.n_theta, setup.n_lam)
+        thetas, lams = default_grid(setup.n_theta, setup.n_lam, setup.theta_max)
         sc = score_keys(data, ws.layers, thetas, lams, knn_k=KNN_K, release=True, progress=run.progress)
         sp, g = ws.split, sc.grid
         run.tensors = {"test_idx": sp.test_idx, "y": sc.y, "pred_net": sc.p_net.argmax(1), "pred_cache": sc.p.argmax(1),
@@ -77,6 +77,7 @@ class Evaluate(Study):
             "baseline_acc_val": g.baseline_acc, "cache_acc_val": g.best_acc, "cache_only_acc_val": g.best_acc_cache_only,
             "baseline_acc_all_test": data.baseline_acc_all_test,
             "theta": float(sc.theta), "lam": float(sc.lam), "theta_cache_only": float(sc.theta_cache_only),
+            "theta_on_edge": on_edge(sc.theta, g.thetas), "theta_cache_only_on_edge": on_edge(sc.theta_cache_only, g.thetas),
             "n_fixed": sc.n_fixed, "n_broken": sc.n_broken,
             "n_cache": sc.n_cache, "n_cache_val": sc.n_cache_val, "n_val": len(data.y_val), "n_test": len(sc.y),
             "val_part": sp.val_part, "dataset": setup.dataset, "model": ws.spec.name, "layers": list(ws.layers),

@@ -743,6 +743,7 @@ def default_keys_reason(name: str) -> str:
 
 
 def architecture_only(name: str) -> ModelSpec | None:
-    """`name`'s spec without weights when its architecture is known here (CIFAR ResNets), else None."""
+    """`name`'s spec without weights for the published CIFAR ResNets (none is deeper than
+    ResNet1202), else None: a depth nobody published is not built for a listing."""
     m = re.fullmatch(r"resnet(\d+)", str(name).strip().lower())
-    return cifar_resnet_architecture(int(m.group(1))) if m else None
+    return cifar_resnet_architecture(int(m.group(1))) if m and int(m.group(1)) in RESNET_FILES else None

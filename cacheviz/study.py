@@ -28,7 +28,7 @@ from .tuning import GridResult, accuracy, grid_search, predict
 from .workspace import ExperimentData, Workspace, prepare, resolve_device
 
 # Bump when a change to the engine alters what a stored result means or holds.
-RESULT_FORMAT = 2
+RESULT_FORMAT = 3
 KNN_K = 10
 
 

@@ -18,7 +18,7 @@ from .errors import CachevizError
 from .features import list_layers, resolve_layers
 from .progress import Stage
 from .study import KeyScore, Run, Study, StudyGroup, rounded, score_keys
-from .tuning import LAM_RANGE, THETA_RANGE, accuracy, default_grid
+from .tuning import LAM_RANGE, THETA_RANGE, accuracy, default_grid, on_edge
 from .workspace import ExperimentData
 
 # Figure 2 fixes theta and lam to the middle of their ranges.
@@ -69,7 +69,7 @@ class LayerSweep(Study):
         infos = {i.name: i for i in list_layers(ws.spec)}
         names = list(infos) if not self.layers else resolve_layers(ws.spec, list(self.layers))
         data = ExperimentData(ws, names, run.progress)
-        thetas, lams = default_grid(self.setup.n_theta, self.setup.n_lam)
+        thetas, lams = default_grid(self.setup.n_theta, self.setup.n_lam, self.setup.theta_max)
         given = None if self.retune else (MIDDLE_THETA, MIDDLE_LAM, MIDDLE_THETA)
         common = _common(run, ws, data)
         rows = []
@@ -82,6 +82,7 @@ class LayerSweep(Study):
                 **common, "layer": name, "depth": info.depth, "dim": sc.key_dim, "full_dim": info.dim,
                 "acc": sc.acc, "cache_only_acc": sc.cache_only_acc, "theta": sc.theta, "lam": sc.lam,
                 "theta_cache_only": sc.theta_cache_only, "retuned": self.retune, "n_cache": sc.n_cache,
+                "theta_on_edge": bool(self.retune) and on_edge(sc.theta, thetas),
                 "project_dim": self.setup.project_dim, "seconds": time.perf_counter() - t0,
             }))
             run.progress.step(i + 1, len(names), name)
@@ -123,7 +124,7 @@ class SizeSweep(Study):
     def compute(self, run: Run) -> list[dict]:
         ws = run.prepare(self.setup)
         data = ExperimentData(ws, ws.layers, run.progress)
-        thetas, lams = default_grid(self.setup.n_theta, self.setup.n_lam)
+        thetas, lams = default_grid(self.setup.n_theta, self.setup.n_lam, self.setup.theta_max)
         common = {**_common(run, ws, data), "layers": list(ws.layers)}
         base = common["baseline_acc"]
         y_universe = ws.ds.train_y[data.train_u]
@@ -134,13 +135,14 @@ class SizeSweep(Study):
             row = {**common, "fraction": frac, "seed": seed}
             if n < len(ws.ds.classes):  # too small to hold every class: the network alone
                 row.update(subset=None, n_cache=0, cache_acc=base, cache_only_acc=None, gain=0.0,
-                           theta=None, lam=None, theta_cache_only=None)
+                           theta=None, lam=None, theta_cache_only=None, theta_on_edge=False)
             else:
                 subset = balanced_subset(y_universe, n, seed)
                 sc = score_keys(data, ws.layers, thetas, lams, subset=subset)
                 row.update(subset=store.config_hash({"idx": data.train_u[subset].tolist()})[:12], n_cache=sc.n_cache,
                            cache_acc=sc.acc, cache_only_acc=sc.cache_only_acc, gain=100 * (sc.acc - base),
-                           theta=sc.theta, lam=sc.lam, theta_cache_only=sc.theta_cache_only)
+                           theta=sc.theta, lam=sc.lam, theta_cache_only=sc.theta_cache_only,
+                           theta_on_edge=on_edge(sc.theta, thetas))
             rows.append(rounded(row))
             run.progress.step(i + 1, len(todo), f"{frac:.0%} of the training set, seed {seed}")
         return rows
@@ -175,7 +177,7 @@ class Table1(Study):
 
     def compute(self, run: Run) -> list[dict]:
         ws = run.prepare(self.setup)
-        thetas, lams = default_grid(self.setup.n_theta, self.setup.n_lam)
+        thetas, lams = default_grid(self.setup.n_theta, self.setup.n_lam, self.setup.theta_max)
         # candidates for Cache3: the deepest non-logit layers; ranking every layer of a deep net
         # would cost a sweep of its own
         infos = [i for i in list_layers(ws.spec) if i.name not in ("input", "logits")]
@@ -207,7 +209,7 @@ class Table1(Study):
 
         def row(variant: str, acc: float, val_acc, sc: KeyScore | None, theta=None, lam=None, **extra) -> dict:
             return rounded({**common, "variant": variant, "error": 1 - acc, "val_acc": val_acc, "theta": theta,
-                            "lam": lam, "layers": sc.layers if sc else [], "key_dim": sc.key_dim if sc else None,
+                            "theta_on_edge": on_edge(theta, thetas), "lam": lam, "layers": sc.layers if sc else [], "key_dim": sc.key_dim if sc else None,
                             "n_cache": sc.n_cache if sc else 0, **extra})
 
         g = main.grid

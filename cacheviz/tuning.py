@@ -19,14 +19,23 @@ THETA_RANGE = (10.0, 90.0)
 LAM_RANGE = (0.1, 0.9)
 
 
-def default_grid(n_theta: int = 9, n_lam: int = 9) -> tuple[list[float], list[float]]:
-    """The paper's ranges, theta in [10, 90] and lam in [0.1, 0.9], at the given resolution."""
+def default_grid(n_theta: int = 9, n_lam: int = 9, theta_max: float = THETA_RANGE[1]
+                 ) -> tuple[list[float], list[float]]:
+    """The paper's ranges, theta in [10, 90] and lam in [0.1, 0.9], at the given resolution;
+    `theta_max` moves theta's top (the best theta often lies on the paper's edge, 90)."""
     if n_theta < 1 or n_lam < 1:
         raise CachevizError("the theta x lam grid needs at least one value of each", "use e.g. 9x9",
                             param="grid", value=f"{n_theta}x{n_lam}")
-    thetas = torch.linspace(*THETA_RANGE, n_theta).tolist() if n_theta > 1 else [sum(THETA_RANGE) / 2]
+    lo, hi = THETA_RANGE[0], float(theta_max)
+    thetas = torch.linspace(lo, hi, n_theta).tolist() if n_theta > 1 else [(lo + hi) / 2]
     lams = torch.linspace(*LAM_RANGE, n_lam).tolist() if n_lam > 1 else [sum(LAM_RANGE) / 2]
     return [round(t, 6) for t in thetas], [round(l, 6) for l in lams]
+
+
+def on_edge(value: float | None, values) -> bool:
+    """Whether a tuned value is the grid's first or last: the best may then lie outside it."""
+    values = list(values)
+    return value is not None and len(values) > 1 and value in (values[0], values[-1])
 
 
 @dataclass

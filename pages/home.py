@@ -60,6 +60,11 @@ with ui.guard("home"):
             st.html(plots.grid_table_html(result))
         else:
             st.plotly_chart(plots.fig_grid(result), key="grid")
+        if result.get("theta_on_edge") or result.get("theta_cache_only_on_edge"):
+            hi = grid["thetas"][-1]
+            st.warning(f"The tuned θ is on the grid's edge ({grid['thetas'][0]:g} … {hi:g}): the best θ may lie "
+                       f"beyond it. The command line widens the grid: `python -m cacheviz evaluate … "
+                       f"--theta-max {2 * hi:g}`.", icon=":material/border_outer:")
         st.caption(
             f"{result['n_test']:,} test items; θ and λ tuned on {result['n_val']:,} validation items from the "
             f"{result['val_part']} set; cache of {result['n_cache']:,} items with {result['key_dim']:,}-d keys "

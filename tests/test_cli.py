@@ -133,8 +133,14 @@ def test_no_network_and_no_local_copy(tmp_path, capsys, monkeypatch):
         raise urllib.error.URLError("no network")
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
-    rc, _, err = _run(capsys, "layers", "--model", "resnet56", "--data-dir", str(tmp_path))
-    assert rc == 2 and "checkpoints" in err and "resnet56-4bfd9763.th" in err
+    from cacheviz.errors import CachevizError
+    from cacheviz.models import load_model
+
+    with pytest.raises(CachevizError, match="resnet56-4bfd9763.th into .*checkpoints"):
+        load_model("resnet56", tmp_path)
+    # listing layers needs no weights: it says why they were not loaded and goes on
+    rc, out, _ = _run(capsys, "layers", "--model", "resnet56", "--data-dir", str(tmp_path))
+    assert rc == 0 and "layer3.8" in out and "resnet56-4bfd9763.th" in out and "checkpoints" in out
 
 
 def test_argparse_nonsense_numbers(capsys):
@@ -154,3 +160,35 @@ def test_real_process_exit_code_and_no_traceback(tmp_path):
     )
     assert p.returncode == 2
     assert "Traceback" not in p.stderr and p.stderr.strip().startswith("error:")
+
+
+def test_theta_on_the_grid_edge_is_flagged_and_theta_max_widens_the_grid(data_dir, capsys, tmp_path):
+    from cacheviz.config import Setup
+    from cacheviz.errors import CachevizError
+    from cacheviz.tuning import default_grid, on_edge
+
+    assert default_grid(9, 9)[0] == [10, 20, 30, 40, 50, 60, 70, 80, 90]
+    assert default_grid(5, 3, theta_max=170)[0] == [10, 50, 90, 130, 170]
+    assert on_edge(90, [10, 50, 90]) and on_edge(10, [10, 50, 90]) and not on_edge(50, [10, 50, 90])
+    assert not on_edge(50, [50])  # a one-value grid has no inside to leave
+    for bad in (10, 5, -1, float("nan"), float("inf"), 1e9, True):
+        with pytest.raises(CachevizError):
+            Setup(theta_max=bad)
+    # a narrow grid puts the best theta on its edge; the JSON and the table say so
+    out = tmp_path / "r.json"
+    assert main(["evaluate", "--data-dir", str(data_dir), "--layers", "pool", "--grid", "3x3", "--theta-max", "20",
+                 "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["grid"]["thetas"] == [10, 15, 20]
+    edges = {k: r[k] for k in ("theta_on_edge", "theta_cache_only_on_edge")}
+    assert edges == {"theta_on_edge": on_edge(r["theta"], [10, 15, 20]),
+                     "theta_cache_only_on_edge": on_edge(r["theta_cache_only"], [10, 15, 20])}
+    printed = capsys.readouterr().out
+    assert any(edges.values()), "on digits the best theta of 10..20 is an edge"
+    assert "landed on the grid's edge (10..20)" in printed and "--theta-max 40" in printed
+    # --theta-max is part of the key: another range is another result
+    assert main(["evaluate", "--data-dir", str(data_dir), "--layers", "pool", "--grid", "3x3", "--theta-max", "30",
+                 "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["grid"]["thetas"] == [10, 20, 30]
+    assert main(["evaluate", "--data-dir", str(data_dir), "--theta-max", "5"]) == 2
+    assert "--theta-max 5.0: give a largest theta above 10" in capsys.readouterr().err

@@ -44,8 +44,12 @@ def _temps(d: Path) -> list[Path]:
 
 def _kill_when(data_dir: Path, out: Path, trigger: str) -> str:
     """Run evaluate and SIGKILL it when `trigger` happens: a stage's name on stderr, or "write"
-    (the moment a temp file appears: mid-write). Returns what the process printed."""
-    proc = subprocess.Popen(_cmd(data_dir, out), cwd=REPO, env=_env(), stdout=subprocess.PIPE,
+    (the moment a temp file appears: mid-write). Returns what the process printed.
+
+    A "write" run recomputes (--force): a kill at the stage before may land only after the
+    result was stored (digits tunes in milliseconds), and a stored result writes nothing."""
+    extra = ("--force",) if trigger == "write" else ()
+    proc = subprocess.Popen(_cmd(data_dir, out, *extra), cwd=REPO, env=_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     lines: list[str] = []
     fired = threading.Event()

@@ -459,5 +459,5 @@ def test_layers_lists_a_resnet_without_its_weights_and_says_why_the_defaults(tmp
     assert main(["layers", "--model", "resnet56", "--data-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "layer3.4.relu1" in out and "default keys: layer3.0, layer3.4.relu1, layer3.8" in out
-    assert "blocks 0, 4 and 8" in out and "weights not loaded" in out
+    assert "blocks 0, 4 and 8" in out and "the weights were not loaded" in out
     assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").iterdir())
