@@ -23,7 +23,8 @@ from .errors import CachevizError
 FLAGS = {
     "dataset": "--dataset", "model": "--model", "layers": "--layers", "checkpoint": "--checkpoint PATH",
     "device": "--device", "train_limit": "--train-limit", "test_limit": "--test-limit",
-    "val_from_train": "--val-from-train", "val_fraction": "the validation share", "grid": "--grid", "theta_max": "--theta-max",
+    "val_from_train": "--val-from-train", "val_fraction": "the validation share", "grid": "--grid", "theta_max": "--theta-max", "protocol": "--protocol",
+    "val_flips": "--protocol paper",
     "project_dim": "--project-dim", "batch_size": "--batch-size", "seed": "--seed", "fractions": "--fractions",
     "seeds": "--seeds", "combine_top": "--combine-top", "out": "--out", "json": "--json", "theta": "theta",
     "lam": "lam", "data_dir": "--data-dir",
@@ -137,6 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--grid", type=_grid, default=(9, 9), help="theta x lam grid resolution (default 9x9)")
     exp.add_argument("--theta-max", type=_number, default=90.0, metavar="T",
                      help="the grid's largest theta (default 90, the paper's; raise it when the best theta is on the edge)")
+    exp.add_argument("--protocol", choices=("default", "paper"), default="default",
+                     help="paper: the author's CIFAR protocol (sets --flip, --val-from-train 5000 with the held-out "
+                          "items' flips queried too, and --grid 33x33; an explicit --val-from-train or --grid "
+                          "overrides); default: tune on half the test set")
     exp.add_argument("--seed", type=int, default=0)
     exp.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
     exp.add_argument("--batch-size", type=_positive, default=256)
@@ -236,13 +241,22 @@ def _setup(args, model: str | None = None, project_dim: int | None = None):
     if model is None:
         raise CachevizError(f"no default model for {dataset}", "name one (see: python -m cacheviz models)",
                             param="model")
-    return Setup(
+    common = dict(
         dataset=dataset, model=model, layers=_split_list(getattr(args, "layers", None)),
         checkpoint=str(Path(args.checkpoint).resolve()) if args.checkpoint else None,
-        flip=args.flip, train_limit=args.train_limit, test_limit=args.test_limit, seed=args.seed,
-        val_from_train=args.val_from_train, project_dim=project_dim,
-        n_theta=args.grid[0], n_lam=args.grid[1], theta_max=args.theta_max,
+        train_limit=args.train_limit, test_limit=args.test_limit, seed=args.seed, project_dim=project_dim,
+        theta_max=args.theta_max,
     )
+    if getattr(args, "protocol", "default") == "paper":
+        # an explicit --val-from-train or --grid overrides the protocol's (a smaller dataset
+        # cannot hold out 5,000 items); the result's setup records what ran
+        if args.val_from_train:
+            common["val_from_train"] = args.val_from_train
+        if tuple(args.grid) != (9, 9):
+            common["n_theta"], common["n_lam"] = args.grid
+        return Setup.paper_protocol(**common)
+    return Setup(**common, flip=args.flip, val_from_train=args.val_from_train, n_theta=args.grid[0],
+                 n_lam=args.grid[1])
 
 
 def _print_rows(rows: list[dict], cols: list[str], stream=sys.stdout) -> None:

@@ -36,6 +36,7 @@ class Setup:
     n_theta: int = 9
     n_lam: int = 9
     theta_max: float = 90.0  # the grid's theta runs from 10 to this (the paper: 90)
+    val_flips: bool = False  # with val_from_train and flip: the held-out items' flips are queried too
 
     def __post_init__(self):
         for name in ("train_limit", "test_limit", "project_dim"):
@@ -61,7 +62,19 @@ class Setup:
             raise CachevizError(f"give a largest theta above {MIN_THETA_MAX:g} and at most {MAX_THETA:g}",
                                 "use e.g. 180 to look past the paper's 90", param="theta_max", value=self.theta_max)
         object.__setattr__(self, "theta_max", float(self.theta_max))
+        if self.val_flips and not (self.flip and self.val_from_train):
+            raise CachevizError("querying the held-out items' flips needs held-out training items and flips",
+                                "add --val-from-train N and --flip", "or use --protocol paper",
+                                param="val_flips", value=True)
         object.__setattr__(self, "layers", tuple(self.layers))
+
+    @classmethod
+    def paper_protocol(cls, **fields) -> "Setup":
+        """The author's CIFAR protocol: the cache holds every training item and its flip; theta
+        and lam are tuned on 5,000 held-out training items and their flips (the other training
+        items and flips as the cache) on his 33 x 33 grid; the test-time cache holds them all."""
+        fields = {"flip": True, "val_from_train": 5000, "val_flips": True, "n_theta": 33, "n_lam": 33, **fields}
+        return cls(**fields)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -212,9 +212,11 @@ class ExperimentData:
         self.trow = _rows(self.test_u, sp.test_idx, False)
         self.p_test, self.y_test = p_test_all[self.trow.to(p_test_all.device)], ws.ds.test_y[sp.test_idx]
         if self.from_train:
-            self.vrows = _rows(self.train_u, sp.val_idx, flip=False)
+            val_flips = bool(ws.setup.val_flips and flip)
+            self.vrows = _rows(self.train_u, sp.val_idx, flip=val_flips)
             self.p_val = torch.softmax(self.tf["logits"][self.vrows.to(self.device)], dim=1)
-            self.y_val = ws.ds.train_y[sp.val_idx]
+            y_val = ws.ds.train_y[sp.val_idx]
+            self.y_val = torch.cat([y_val, y_val]) if val_flips else y_val
             self.val_cache_rows = _rows(self.train_u, sp.cache_val_idx, flip)
         else:
             self.vrows = _rows(self.test_u, sp.val_idx, False)

@@ -336,3 +336,21 @@ def test_progress_shows_stages_place_in_line_and_eta():
     assert "load data — 2 s" in text and "**extract train features**" in text
     (bar,) = at.get("progress")
     assert "256/1348" in bar.proto.text and "ETA" in bar.proto.text
+
+
+def test_the_paper_protocol_is_one_choice_in_the_sidebar(env):
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT)
+    at.run()
+    at.sidebar.selectbox(key=ui.K_PRESET).select(ui.PAPER).run()
+    assert at.sidebar.selectbox(key=ui.K_PROTOCOL).value == "paper"
+    assert at.sidebar.checkbox(key=ui.K_FLIP).value is True and at.sidebar.checkbox(key=ui.K_FLIP).disabled
+    # the same protocol on the offline digits: a tenth of the training set held out, with flips
+    at.sidebar.selectbox(key=ui.K_PRESET).select(ui.OFFLINE).run()
+    assert at.sidebar.selectbox(key=ui.K_PROTOCOL).value == "default"
+    at.sidebar.selectbox(key=ui.K_PROTOCOL).select("paper").run()
+    assert at.sidebar.selectbox(key=ui.K_PRESET).value == ui.CUSTOM
+    at.button(key="home_build").click().run()
+    _no_problems(at)
+    caption = " ".join(c.value for c in at.caption)
+    assert "tuned on 268 validation items from the train set" in caption, caption  # 134 held out + flips
+    assert "cache of 2,696 items" in caption  # 1,348 and their flips

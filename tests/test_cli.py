@@ -192,3 +192,26 @@ def test_theta_on_the_grid_edge_is_flagged_and_theta_max_widens_the_grid(data_di
     assert json.loads(out.read_text())["grid"]["thetas"] == [10, 20, 30]
     assert main(["evaluate", "--data-dir", str(data_dir), "--theta-max", "5"]) == 2
     assert "--theta-max 5.0: give a largest theta above 10" in capsys.readouterr().err
+
+
+def test_paper_protocol_in_one_choice(data_dir, tmp_path, capsys):
+    from cacheviz.config import Setup
+    from cacheviz.errors import CachevizError
+
+    s = Setup.paper_protocol(dataset="cifar10", model="resnet20")
+    assert (s.flip, s.val_from_train, s.val_flips, s.n_theta, s.n_lam) == (True, 5000, True, 33, 33)
+    assert Setup().val_flips is False  # today's default stays as it was
+    with pytest.raises(CachevizError, match="needs held-out training items and flips"):
+        Setup(val_flips=True, flip=True)
+    # digits holds 1,348 training items: the protocol with 120 held out (an explicit override)
+    out = tmp_path / "p.json"
+    assert main(["evaluate", "--data-dir", str(data_dir), "--protocol", "paper", "--val-from-train", "120",
+                 "--grid", "5x5", "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["val_part"] == "train" and r["n_val"] == 240  # the held-out items and their flips
+    assert r["n_cache"] == 2 * 1348 and r["setup"]["val_flips"] and r["setup"]["flip"]
+    assert len(r["grid"]["thetas"]) == 5
+    # without an override the protocol's 5,000 cannot be held out of 1,348: one sentence with the fix
+    capsys.readouterr()
+    assert main(["evaluate", "--data-dir", str(data_dir), "--protocol", "paper"]) == 2
+    assert "--val-from-train 5000: leaves no training items for the cache" in capsys.readouterr().err

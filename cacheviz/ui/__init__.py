@@ -20,7 +20,7 @@ from .nav import ensure_entrypoint, entrypoint_started, page_config, pages
 from .panels import build_panel, experiment_page, guard, index_job, load_index, show_problem, study_panel
 from .resources import decode, image_key, picks, query, result_tag, thumbnails, workspace
 from .state import (CIFAR, CUSTOM, DATASETS, K_DATASET, K_DEVICE, K_FLIP, K_FRACTION, K_LAYERS, K_MODEL,
-                    K_PRESET, MODELS, OFFLINE, PRESETS, Choice, apply_preset, current, key_bytes, model_info,
+                    K_PRESET, K_PROTOCOL, MODELS, OFFLINE, PAPER, PRESETS, PROTOCOLS, Choice, apply_preset, current, key_bytes, model_info,
                     setup_tag, sidebar)
 from .studies import (EXACT_LIMIT_GB, SWEEP_DIMS, cli_flags, compare_defaults, layer_sweep, missing_data_note,
                       size_sweep, sweep_feature_bytes, sweep_lock, table1_sweep)
@@ -42,7 +42,8 @@ __all__ = [
     "Job", "JobBoard", "WIDGETS", "message", "markdown_text", "upload_name", "ensure_entrypoint", "entrypoint_started", "page_config", "pages",
     "build_panel", "experiment_page", "guard", "index_job", "load_index", "show_problem", "study_panel", "decode", "image_key",
     "picks", "query", "result_tag", "thumbnails", "workspace", "CIFAR", "CUSTOM", "DATASETS", "K_DATASET",
-    "K_DEVICE", "K_FLIP", "K_FRACTION", "K_LAYERS", "K_MODEL", "K_PRESET", "MODELS", "OFFLINE", "PRESETS",
+    "K_DEVICE", "K_FLIP", "K_FRACTION", "K_LAYERS", "K_MODEL", "K_PRESET", "K_PROTOCOL", "MODELS", "OFFLINE", "PAPER",
+    "PRESETS", "PROTOCOLS",
     "Choice", "apply_preset", "current", "key_bytes", "model_info", "setup_tag", "sidebar", "EXACT_LIMIT_GB",
     "SWEEP_DIMS", "cli_flags", "compare_defaults", "layer_sweep", "missing_data_note", "size_sweep",
     "sweep_feature_bytes", "sweep_lock", "table1_sweep", "export_buttons", "layer_table", "parse_numbers", "pct",

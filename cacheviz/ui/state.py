@@ -17,13 +17,19 @@ from .messages import message
 
 OFFLINE = "Digits · small CNN (offline)"
 CIFAR = "CIFAR-10 · ResNet-20"
+PAPER = "CIFAR-10 · ResNet-20 · paper protocol"
 CUSTOM = "Custom"
 PRESETS: dict[str, dict[str, Any]] = {
     # pool + relu3: the cache fixes a few of the network's test mistakes and breaks none.
-    OFFLINE: dict(dataset="digits", model="digits-cnn", layers=["pool", "relu3"], fraction=100, flip=False),
+    OFFLINE: dict(dataset="digits", model="digits-cnn", layers=["pool", "relu3"], fraction=100, flip=False,
+                  protocol="default"),
     # One 4096-d key layer: a cold build takes about 2-3 minutes on a laptop CPU.
-    CIFAR: dict(dataset="cifar10", model="resnet20", layers=["layer3.2.relu1"], fraction=100, flip=False),
+    CIFAR: dict(dataset="cifar10", model="resnet20", layers=["layer3.2.relu1"], fraction=100, flip=False,
+                protocol="default"),
+    # The author's keys (the model's defaults), every training image and its flip, his tuning.
+    PAPER: dict(dataset="cifar10", model="resnet20", layers=[], fraction=100, flip=True, protocol="paper"),
 }
+PROTOCOLS = {"default": "tune on half the test set", "paper": "the paper's (held-out training items + flips)"}
 DATASETS = {"digits": "Digits (8×8 gray, bundled, offline)", "cifar10": "CIFAR-10 (32×32 colour)"}
 MODELS = {"digits": ["digits-cnn"], "cifar10": ["resnet20", "resnet32", "resnet44", "resnet56", "resnet110"]}
 TRAIN_SIZES = {"cifar10": 50_000}  # digits is measured (it loads instantly)
@@ -32,8 +38,8 @@ FRACTIONS = [1, 2, 5, 10, 20, 25, 50, 75, 100]
 
 # Session-state keys of the sidebar widgets (selections only; never tensors).
 K_PRESET, K_DATASET, K_MODEL, K_LAYERS = "cv_preset", "cv_dataset", "cv_model", "cv_layers"
-K_FRACTION, K_FLIP, K_DEVICE = "cv_fraction", "cv_flip", "cv_device"
-WIDGET_KEYS = (K_PRESET, K_DATASET, K_MODEL, K_LAYERS, K_FRACTION, K_FLIP, K_DEVICE)
+K_FRACTION, K_FLIP, K_DEVICE, K_PROTOCOL = "cv_fraction", "cv_flip", "cv_device", "cv_protocol"
+WIDGET_KEYS = (K_PRESET, K_DATASET, K_MODEL, K_LAYERS, K_FRACTION, K_FLIP, K_DEVICE, K_PROTOCOL)
 # A copy of the selections outside the widgets' own keys: Streamlit drops a widget's state after
 # a run that did not draw it, and a run cut short in a busy class must not reset the setup.
 K_KEPT = "cv_kept"
@@ -135,14 +141,15 @@ def apply_preset(name: str | None = None) -> None:
     s = st.session_state
     s[K_PRESET], s[K_DATASET], s[K_MODEL] = name, p["dataset"], p["model"]
     s[K_LAYERS], s[K_FRACTION], s[K_FLIP] = list(p["layers"]), p["fraction"], p["flip"]
+    s[K_PROTOCOL] = p["protocol"]
 
 
 def _matching_preset() -> str:
     s = st.session_state
     for name, p in PRESETS.items():
-        if (s.get(K_DATASET), s.get(K_MODEL), list(s.get(K_LAYERS) or []), s.get(K_FRACTION), s.get(K_FLIP)) == (
-            p["dataset"], p["model"], p["layers"], p["fraction"], p["flip"]
-        ):
+        if (s.get(K_DATASET), s.get(K_MODEL), list(s.get(K_LAYERS) or []), s.get(K_FRACTION), s.get(K_FLIP),
+                s.get(K_PROTOCOL, "default")) == (p["dataset"], p["model"], p["layers"], p["fraction"], p["flip"],
+                                                  p["protocol"]):
             return name
     return CUSTOM
 
@@ -173,6 +180,8 @@ def _init_state() -> None:
     if K_PRESET not in s:
         apply_preset(OFFLINE)
     s.setdefault(K_DEVICE, "auto")
+    if s.get(K_PROTOCOL) not in PROTOCOLS:
+        s[K_PROTOCOL] = "default"
     # Keep every stored selection valid for the options it will be shown with.
     if s.get(K_DATASET) not in DATASETS:
         s[K_DATASET] = "digits"
@@ -207,7 +216,13 @@ def current() -> Choice:
     n_train = train_size(s[K_DATASET], where)
     frac = int(s[K_FRACTION])
     limit = max(10, int(round(n_train * frac / 100))) if frac < 100 and n_train else None
-    setup = Setup(dataset=s[K_DATASET], model=s[K_MODEL], layers=layers, flip=bool(s[K_FLIP]), train_limit=limit)
+    if s[K_PROTOCOL] == "paper":
+        # 5,000 held out of CIFAR-10's 50,000; a tenth of a smaller training set
+        held = min(5000, max(1, (limit or n_train or 0) // 10))
+        setup = Setup.paper_protocol(dataset=s[K_DATASET], model=s[K_MODEL], layers=layers, train_limit=limit,
+                                     val_from_train=held)
+    else:
+        setup = Setup(dataset=s[K_DATASET], model=s[K_MODEL], layers=layers, flip=bool(s[K_FLIP]), train_limit=limit)
     return Choice(setup, s[K_DEVICE], where, s[K_PRESET], info.infos, info.defaults, info.error)
 
 
@@ -254,8 +269,16 @@ def sidebar() -> Choice:
     )
     sb.select_slider("Cache size (% of the training set)", FRACTIONS, key=K_FRACTION, on_change=_mark_custom,
                      help="A class-balanced, seeded subset of the training set is stored.")
-    sb.checkbox("Also store horizontal flips", key=K_FLIP, on_change=_mark_custom,
-                help="Doubles the cache with mirrored images (the author's code did, for CIFAR).")
+    paper = st.session_state.get(K_PROTOCOL) == "paper"
+    sb.checkbox("Also store horizontal flips", key=K_FLIP, on_change=_mark_custom, disabled=paper,
+                help="Doubles the cache with mirrored images (the author's code did, for CIFAR)."
+                     + (" The paper protocol always stores them." if paper else ""))
+    sb.selectbox("Protocol", list(PROTOCOLS), key=K_PROTOCOL, format_func=lambda p: f"{p}: {PROTOCOLS[p]}",
+                 on_change=_mark_custom,
+                 help="default: θ and λ are tuned on a seeded half of the test set and the other half is reported. "
+                      "paper: the author's CIFAR protocol — every training image and its flip in the cache, θ and λ "
+                      "tuned on 5,000 held-out training images and their flips (a tenth of smaller training sets) "
+                      "on a 33×33 grid, the whole test set reported.")
     sb.selectbox("Device", devices(), key=K_DEVICE)
     choice = current()
     st.session_state[K_KEPT] = {k: st.session_state[k] for k in WIDGET_KEYS if k in st.session_state}
