@@ -64,6 +64,11 @@ def _ordered(spec, layers: Sequence[str]) -> list[str]:
     return sorted(layers, key=order.__getitem__)
 
 
+# The network's output, twice: the logits, and the softmax probabilities the author's Figure 2
+# keyed on (both at l/L = 1). Neither is a module output to hook; neither is ever projected.
+OUTPUTS = ("logits", "probs")
+
+
 class _Taps:
     """Forward hooks that collect the outputs of named modules during one forward pass."""
 
@@ -72,7 +77,7 @@ class _Taps:
         self.out: dict[str, torch.Tensor] = {}
         self.handles = []
         for name in names:
-            if name in ("input", "logits"):
+            if name == "input" or name in OUTPUTS:
                 continue
             self.handles.append(modules[name].register_forward_hook(self._hook(name, name == stop_after)))
 
@@ -102,8 +107,8 @@ def forward_layers(spec, x: torch.Tensor, layers: Sequence[str]) -> dict[str, to
     When `logits` is not wanted the forward stops at the deepest wanted layer.
     """
     wanted = _ordered(spec, layers)
-    need_logits = "logits" in wanted
-    taps_needed = [n for n in wanted if n not in ("input", "logits")]
+    need_logits = any(n in wanted for n in OUTPUTS)
+    taps_needed = [n for n in wanted if n != "input" and n not in OUTPUTS]
     stop_after = None if need_logits or not taps_needed else taps_needed[-1]
     out: dict[str, torch.Tensor] = {}
     if "input" in wanted:
@@ -115,8 +120,10 @@ def forward_layers(spec, x: torch.Tensor, layers: Sequence[str]) -> dict[str, to
             except _StopForward:
                 logits = None
             out.update(taps.out)
-        if need_logits:
+        if "logits" in wanted:
             out["logits"] = logits
+        if "probs" in wanted:
+            out["probs"] = torch.softmax(logits, dim=1)
     return out
 
 
@@ -194,7 +201,7 @@ def extract(
     dims = {i.name: i.dim for i in list_layers(spec) if i.name in layers}
     # the logits are never projected: they are p_net's input, and at most C wide anyway
     proj = {name: SignSketch(d, project_dim, seed, name) for name, d in dims.items()
-            if project_dim and d > project_dim and name != "logits"}
+            if project_dim and d > project_dim and name not in OUTPUTS}
     out = {name: torch.empty(n_out, project_dim if name in proj else d, device=out_device) for name, d in dims.items()}
     done = 0
     # full float32 convolutions on GPUs too (no TF32), so keys agree with the CPU's to rounding

@@ -221,7 +221,7 @@ def _cifar_resnet_layers(depth: int) -> tuple[list[tuple[str, float]], list[str]
             layers.append((f"layer{stage}.{i}", (3 + 2 * k) / L))
             k += 1
     # avgpool has no weights, so it sits at the same l as the last block's output.
-    layers += [("avgpool", (L - 1) / L), ("logits", 1.0)]
+    layers += [("avgpool", (L - 1) / L), ("logits", 1.0), ("probs", 1.0)]
     return layers, cifar_resnet_default_keys(depth)
 
 
@@ -279,7 +279,7 @@ class DigitsCNN(nn.Module):
 
 _DIGITS_TAPS = ["input", "relu1", "relu2", "pool", "relu3", "logits"]
 # Position / (count - 1): weight-layer counting would put relu2 and pool at the same depth.
-DIGITS_LAYERS = [(n, i / (len(_DIGITS_TAPS) - 1)) for i, n in enumerate(_DIGITS_TAPS)]
+DIGITS_LAYERS = [(n, i / (len(_DIGITS_TAPS) - 1)) for i, n in enumerate(_DIGITS_TAPS)] + [("probs", 1.0)]
 DIGITS_MEAN = (0.5,)
 DIGITS_STD = (0.5,)
 _DIGITS_EPOCHS = 30
@@ -587,7 +587,7 @@ def _torchvision_layers(net: nn.Module, input_size: tuple[int, int]) -> list[tup
         order.append(name)
         kept.append(out)
     names = ["input", *order, "logits"]
-    return [(n, i / (len(names) - 1)) for i, n in enumerate(names)]
+    return [(n, i / (len(names) - 1)) for i, n in enumerate(names)] + [("probs", 1.0)]
 
 
 def _torchvision_spec(
@@ -633,7 +633,7 @@ def _torchvision_spec(
     resize = int(tf.resize_size[0])
     interp = "bicubic" if "bicubic" in str(tf.interpolation).lower() else "bilinear"
     layers = _torchvision_layers(net, crop)
-    modules_before_logits = [n for n, _ in layers[1:-1]]
+    modules_before_logits = [n for n, _ in layers[1:] if n not in ("logits", "probs")]
     default = modules_before_logits[-1] if modules_before_logits else "logits"
     return ModelSpec(
         name=full,

@@ -220,7 +220,7 @@ def fig_layer_sweep(rows_by_model, height: int = 460) -> go.Figure:
         how = "θ, λ as in the rows"
     fig.update_layout(
         title=f"Test accuracy with each layer alone as keys ({how})",
-        xaxis=dict(title="normalised layer depth l/L (0 = input image, 1 = output logits)", range=[-0.03, 1.03],
+        xaxis=dict(title="normalised layer depth l/L (0 = input image, 1 = the output: logits and probs)", range=[-0.03, 1.03],
                    zeroline=False),
         yaxis=dict(title="test accuracy (%)"),
         height=height,

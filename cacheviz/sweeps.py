@@ -15,7 +15,7 @@ from . import store
 from .config import Setup
 from .data import balanced_subset
 from .errors import CachevizError
-from .features import list_layers, resolve_layers
+from .features import OUTPUTS, list_layers, resolve_layers
 from .progress import Stage
 from .study import KeyScore, Run, Study, StudyGroup, rounded, score_keys
 from .tuning import LAM_RANGE, THETA_RANGE, accuracy, default_grid, on_edge
@@ -180,7 +180,7 @@ class Table1(Study):
         thetas, lams = default_grid(self.setup.n_theta, self.setup.n_lam, self.setup.theta_max)
         # candidates for Cache3: the deepest non-logit layers; ranking every layer of a deep net
         # would cost a sweep of its own
-        infos = [i for i in list_layers(ws.spec) if i.name not in ("input", "logits")]
+        infos = [i for i in list_layers(ws.spec) if i.name != "input" and i.name not in OUTPUTS]
         candidates = [i.name for i in infos[-max(self.combine_top * 2, 6):]]
         data = ExperimentData(ws, list(dict.fromkeys([*ws.layers, *candidates])), run.progress)
         top_n = min(self.combine_top, len(candidates))

@@ -19,7 +19,7 @@ from .cache import CacheMemory
 from .config import Setup
 from .data import Dataset, Split, inspect_classes, load_dataset, make_split
 from .errors import CachevizError
-from .features import extract, list_layers, make_keys, resolve_layers
+from .features import OUTPUTS, extract, list_layers, make_keys, resolve_layers
 from .models import ModelSpec, load_model
 from .progress import ProgressFn, Reporter, Stage, Silent
 from .tuning import accuracy
@@ -69,7 +69,7 @@ class Workspace:
     def _feature_meta(self, part: str, idx: torch.Tensor, layer: str, flip: bool) -> dict:
         dims = {i.name: i.dim for i in list_layers(self.spec)}
         pd = self.setup.project_dim
-        projected = bool(pd and dims[layer] > pd and layer != "logits")
+        projected = bool(pd and dims[layer] > pd and layer not in OUTPUTS)
         return {
             "kind": "features",
             "dataset": self.ds.fingerprint,
@@ -89,7 +89,7 @@ class Workspace:
     def feature_bytes(self, n_items: int, layers: list[str], flip: bool = False) -> int:
         dims = {i.name: i.dim for i in list_layers(self.spec)}
         pd = self.setup.project_dim
-        d = sum(min(dims[name], pd) if pd and name != "logits" else dims[name] for name in layers)
+        d = sum(min(dims[name], pd) if pd and name not in OUTPUTS else dims[name] for name in layers)
         return 4 * d * n_items * (2 if flip else 1)
 
     def feature_device(self, n_bytes: int) -> torch.device:

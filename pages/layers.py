@@ -8,8 +8,9 @@ from cacheviz import plots, ui
 ui.ensure_entrypoint(Path(__file__).resolve().parents[1] / "app.py")  # see ui.ensure_entrypoint
 
 INTRO = """
-The paper's **Figure 2**: every tappable layer, from the input image (l/L = 0) to the output
-logits (l/L = 1), used **alone** as the cache's keys; θ and λ fixed to the middle of their ranges
+The paper's **Figure 2**: every tappable layer, from the input image (l/L = 0) to the network's
+output (l/L = 1, twice: the logits, and the softmax probabilities the author's code used), used
+**alone** as the cache's keys; θ and λ fixed to the middle of their ranges
 (θ = 50, λ = 0.5) unless re-tuned per layer. The paper finds that layers close to, but not at, the
 output help most and that the input image hurts.
 """
@@ -71,10 +72,11 @@ with ui.experiment_page("ls", "Which layer makes the best keys?", INTRO) as choi
         for m in models:
             mine = [r for r in rows if r["model"] == m] or rows
             best = max(mine, key=lambda r: r["acc"])
+            at = {r["layer"]: f"{r['acc']:.2%}" for r in mine}
             st.markdown(
                 f"**{m}**: best layer **{best['layer']}** (l/L = {best['depth']:.2f}) at {best['acc']:.2%} against "
-                f"{best['baseline_acc']:.2%} for the network alone; input image {mine[0]['acc']:.2%}, "
-                f"logits {mine[-1]['acc']:.2%}."
+                f"{best['baseline_acc']:.2%} for the network alone; input image {at.get('input', '—')}, "
+                f"logits {at.get('logits', '—')}, probabilities {at.get('probs', '—')}."
             )
         st.dataframe(ui.layer_table(rows), hide_index=True, key="ls_table")
         st.caption(f"{rows[0]['n_test']:,} test items, cache of {rows[0]['n_cache']:,} items; the same numbers as "

@@ -71,7 +71,7 @@ def test_layers_command(data_dir, capsys):
     rc, out, _ = _run(capsys, "layers", "--model", "digits-cnn", "--data-dir", str(data_dir), "--json")
     assert rc == 0
     rows = json.loads(out)
-    assert rows[0]["name"] == "input" and rows[0]["depth"] == 0 and rows[-1]["name"] == "logits"
+    assert rows[0]["name"] == "input" and rows[0]["depth"] == 0 and rows[-1]["name"] == "probs"
     assert [r["name"] for r in rows if r["default"]] == ["relu3"]
     rc, out, _ = _run(capsys, "layers", "--model", "resnet20", "--data-dir", str(data_dir / "none"),
                       "--checkpoint", str(_resnet_ckpt(data_dir)))

@@ -14,14 +14,14 @@ def _images(n=20, seed=0):
 def test_list_layers_shapes_and_depths(resnet20_random):
     infos = list_layers(resnet20_random)
     names = [i.name for i in infos]
-    assert names[0] == "input" and names[-1] == "logits"
-    assert infos[0].depth == 0.0 and infos[-1].depth == 1.0
+    assert names[0] == "input" and names[-2:] == ["logits", "probs"]
+    assert infos[0].depth == 0.0 and infos[-1].depth == infos[-2].depth == 1.0
     assert all(a.depth <= b.depth for a, b in zip(infos, infos[1:]))
     by = {i.name: i for i in infos}
     assert by["input"].shape == (3, 32, 32)
     assert by["layer1.0"].shape == (16, 32, 32)
     assert by["layer3.0.relu1"].shape == (64, 8, 8) and by["layer3.0.relu1"].dim == 4096
-    assert by["logits"].shape == (10,)
+    assert by["logits"].shape == (10,) and by["probs"].shape == (10,)
     # every stage-3 block: inner ReLU and output are tappable
     for i in range(3):
         assert f"layer3.{i}.relu1" in by and f"layer3.{i}" in by
@@ -105,3 +105,16 @@ def test_unknown_layer_names_the_fix(resnet20_random):
         resolve_layers(resnet20_random, "layer3.0.rel1")
     assert resolve_layers(resnet20_random, None) == ["layer3.0.relu1", "layer3.1.relu1", "layer3.2.relu1"]
     assert resolve_layers(resnet20_random, "layer3.0, layer3.1") == ["layer3.0", "layer3.1"]
+
+
+def test_probs_are_the_softmax_of_the_logits_and_never_projected(resnet20_random):
+    from cacheviz.features import forward_layers
+
+    x = torch.randn(4, 3, 32, 32)
+    only = forward_layers(resnet20_random, x, ["probs"])
+    both = forward_layers(resnet20_random, x, ["logits", "probs"])
+    assert set(only) == {"probs"} and set(both) == {"logits", "probs"}
+    torch.testing.assert_close(only["probs"], torch.softmax(both["logits"], dim=1))
+    torch.testing.assert_close(only["probs"].sum(1), torch.ones(4))
+    feats = extract(resnet20_random, _images(6), ["layer3.0", "probs"], project_dim=8)
+    assert feats["layer3.0"].shape == (6, 8) and feats["probs"].shape == (6, 10)

@@ -143,12 +143,13 @@ def test_resnet_layers_resolve_and_depths(tmp_path):
     names = [n for n, _ in spec.layers]
     depths = [d for _, d in spec.layers]
     modules = dict(spec.net.named_modules())
-    assert names[0] == "input" and names[-1] == "logits" and depths[0] == 0.0 and depths[-1] == 1.0
-    assert all(n in modules for n in names[1:-1])
-    # Increasing, with one tie: avgpool applies no weight layer, so it shares l with the last block.
+    assert names[0] == "input" and names[-2:] == ["logits", "probs"] and depths[0] == 0.0 and depths[-1] == 1.0
+    assert all(n in modules for n in names[1:-2])
+    # Increasing, with two ties: avgpool applies no weight layer, so it shares l with the last
+    # block; the probabilities share l = L with the logits.
     steps = [b - a for a, b in zip(depths, depths[1:])]
-    assert all(st >= 0 for st in steps) and sum(st == 0 for st in steps) == 1
-    assert len(names) == 2 + 1 + 2 * 9 + 1
+    assert all(st >= 0 for st in steps) and sum(st == 0 for st in steps) == 2
+    assert len(names) == 2 + 1 + 2 * 9 + 2
     d = dict(spec.layers)
     assert d["relu"] == pytest.approx(1 / 20)
     assert d["layer1.0.relu1"] == pytest.approx(2 / 20) and d["layer1.0"] == pytest.approx(3 / 20)
@@ -325,10 +326,10 @@ def test_digits_cnn_layers(digits):
     names = [n for n, _ in spec.layers]
     depths = [d for _, d in spec.layers]
     modules = dict(spec.net.named_modules())
-    assert names[0] == "input" and names[-1] == "logits"
-    assert all(n in modules for n in names[1:-1])
-    assert depths[0] == 0 and depths[-1] == 1 and all(a < b for a, b in zip(depths, depths[1:]))
-    assert spec.default_layers == [names[-2]]
+    assert names[0] == "input" and names[-2:] == ["logits", "probs"]
+    assert all(n in modules for n in names[1:-2])
+    assert depths[0] == 0 and depths[-1] == depths[-2] == 1 and all(a < b for a, b in zip(depths, depths[1:-1]))
+    assert spec.default_layers == [names[-3]]
     assert (spec.input_size, spec.in_channels, spec.classes) == ((8, 8), 1, [str(d) for d in range(10)])
 
 
@@ -351,9 +352,9 @@ def test_torchvision_registry_without_download(tmp_path):
     names = [n for n, _ in spec.layers]
     depths = [d for _, d in spec.layers]
     modules = dict(spec.net.named_modules())
-    assert names[0] == "input" and names[-1] == "logits"
-    assert all(n in modules and n.count(".") <= 1 for n in names[1:-1])
-    assert all(a < b for a, b in zip(depths, depths[1:])) and depths[-1] == 1
+    assert names[0] == "input" and names[-2:] == ["logits", "probs"]
+    assert all(n in modules and n.count(".") <= 1 for n in names[1:-2])
+    assert all(a < b for a, b in zip(depths, depths[1:-1])) and depths[-1] == depths[-2] == 1
     assert names[1:5] == ["conv1", "bn1", "relu", "maxpool"] and "layer4.1" in names and "fc" not in names
     assert spec.default_layers == ["avgpool"]
 

@@ -95,7 +95,7 @@ def test_layer_sweep_page(env, monkeypatch):
     assert at.toggle(key="ls_retune").value is False and at.toggle(key="ls_exact").value is False
     assert at.select_slider(key="ls_dim").value == 1024
     assert at.multiselect(key="ls_extra_digits").proto.disabled  # digits-cnn is the only digits model
-    assert any("digits-cnn: 6 layers" in c.value for c in at.caption)
+    assert any("digits-cnn: 7 layers" in c.value for c in at.caption)
     t0 = time.perf_counter()
     _run_sweep(at, "ls")
     print(f"layer sweep through the page: {time.perf_counter() - t0:.1f} s")
@@ -104,7 +104,7 @@ def test_layer_sweep_page(env, monkeypatch):
     assert names[0] == "digits-cnn" and names[1].startswith("digits-cnn baseline") and names[2].startswith("digits-cnn best")
     assert "θ = 50, λ = 0.5" in fig["layout"]["title"]["text"]
     table = at.dataframe[0].value
-    assert list(table["layer"]) == ["input", "relu1", "relu2", "pool", "relu3", "logits"]
+    assert list(table["layer"]) == ["input", "relu1", "relu2", "pool", "relu3", "logits", "probs"]
     assert list(table["key dim"])[2] == 1024 and list(table["full dim"])[2] == 4096  # projected to D
     assert "CSV" in _downloads(at)
     _png_ok(at)
@@ -400,7 +400,7 @@ def test_a_job_over_several_models_reports_prefixed_stages(app_dir, digits_rows)
         time.sleep(0.05)
     assert job.state == "done", job.error
     rows = group.lookup(app_dir)
-    assert len(rows) == 12 and rows[:6] == digits_rows["layers"]
+    assert len(rows) == 14 and rows[:7] == digits_rows["layers"]
     stages = [name for name, _ in job.snapshot()["finished"]]
     assert stages == ["b · load data", "b · extract train features", "b · extract test features", "b · layers"]
     assert set(stages) <= set(group.stages) and group.stages[:2] == ("a · load data", "a · extract train features")

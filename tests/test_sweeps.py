@@ -20,7 +20,7 @@ TABLE_KEYS = {"model", "dataset", "variant", "error", "val_acc", "theta", "lam",
 
 def test_layer_sweep_covers_input_to_logits(data_dir):
     rows = LayerSweep(Setup()).run(data_dir)
-    assert [r["layer"] for r in rows] == ["input", "relu1", "relu2", "pool", "relu3", "logits"]
+    assert [r["layer"] for r in rows] == ["input", "relu1", "relu2", "pool", "relu3", "logits", "probs"]
     assert rows[0]["depth"] == 0 and rows[-1]["depth"] == 1
     for r in rows:
         assert LAYER_KEYS <= set(r)

@@ -47,7 +47,7 @@ def sweep_feature_bytes(choice: Choice, infos: tuple[LayerInfo, ...] | list[Laye
 
 def compare_defaults(choice: Choice) -> tuple[str, str]:
     """Layer A: the first key layer; layer B: the layer of at most 4096 dims farthest from it in depth."""
-    infos = [i for i in choice.layer_infos if i.name not in ("input", "logits")] or list(choice.layer_infos)
+    infos = [i for i in choice.layer_infos if i.name not in ("input", "logits", "probs")] or list(choice.layer_infos)
     names = [i.name for i in infos]
     a = choice.layers[0] if choice.layers and choice.layers[0] in names else names[-1]
     depth = {i.name: i.depth for i in infos}
