@@ -79,30 +79,30 @@ def stop_server(proc: subprocess.Popen) -> None:
             proc.wait(5)
 
 
-def _tree_rss_mb(pid: int) -> float:
-    """Resident memory of a process and all its descendants (MB), from /proc."""
-    total, todo, seen = 0, [pid], set()
-    while todo:
-        p = todo.pop()
-        if p in seen:
-            continue
-        seen.add(p)
+def _rss_mb(pids) -> float:
+    """Resident memory of these processes together (MB), from /proc."""
+    total = 0
+    for p in pids:
         try:
-            status = Path(f"/proc/{p}/status").read_text()
-            total += int(re.search(r"VmRSS:\s+(\d+)", status).group(1))
-            for task in Path(f"/proc/{p}/task").iterdir():
-                kids = (task / "children").read_text().split()
-                todo.extend(int(k) for k in kids)
+            total += int(re.search(r"VmRSS:\s+(\d+)", Path(f"/proc/{p}/status").read_text()).group(1))
         except (OSError, AttributeError, ValueError):
             continue
     return total / 1024
 
 
+def _cpu_of_stat(stat: str) -> float:
+    """User + system CPU seconds from the text of /proc/<pid>/stat."""
+    try:
+        fields = stat.rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (IndexError, ValueError):
+        return 0.0
+
+
 def _cpu_s(pid: int) -> float:
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, IndexError, ValueError):
+        return _cpu_of_stat(Path(f"/proc/{pid}/stat").read_text())
+    except OSError:
         return 0.0
 
 
@@ -120,12 +120,12 @@ def _descendants(pid: int) -> set[int]:
     return found
 
 
-def cpu_by_process(server_pid: int) -> dict[int, tuple[str, float]]:
-    """CPU seconds so far of the server, its descendants (the fork server and workers) and every
-    browser process, per pid: the monitor keeps each pid's last value, so processes that have
-    exited by the end still count."""
+def cpu_by_process(server_pid: int, kids: set[int]) -> dict[int, tuple[str, float]]:
+    """CPU seconds so far of the server, its descendants `kids` (the fork server and workers) and
+    every browser process, per pid: the monitor keeps each pid's last value, so processes that
+    have exited by the end still count."""
     out = {server_pid: ("server", _cpu_s(server_pid))}
-    for pid in _descendants(server_pid):
+    for pid in kids:
         out[pid] = ("workers", _cpu_s(pid))
     for d in Path("/proc").iterdir():
         if not d.name.isdigit() or int(d.name) in out:
@@ -136,7 +136,7 @@ def cpu_by_process(server_pid: int) -> dict[int, tuple[str, float]]:
             continue
         comm = stat[stat.find("(") + 1: stat.rfind(")")]
         if "chrom" in comm or "headless_shell" in comm:
-            out[int(d.name)] = ("browsers", _cpu_s(int(d.name)))
+            out[int(d.name)] = ("browsers", _cpu_of_stat(stat))
     return out
 
 
@@ -149,7 +149,7 @@ class Monitor(threading.Thread):
         self.latencies: list[float | None] = []
         self.rss_mb: list[float] = []
         self.stop = threading.Event()
-        self.cpu0 = cpu_by_process(pid)  # before the run: subtracted
+        self.cpu0 = cpu_by_process(pid, _descendants(pid))  # before the run: subtracted
         self.cpu1 = dict(self.cpu0)
 
     def run(self) -> None:
@@ -161,8 +161,9 @@ class Monitor(threading.Thread):
             except OSError:
                 ok = False
             self.latencies.append(time.perf_counter() - t0 if ok else None)
-            self.rss_mb.append(_tree_rss_mb(self.pid))
-            self.cpu1.update(cpu_by_process(self.pid))
+            kids = _descendants(self.pid)  # one walk of the process tree for both samples
+            self.rss_mb.append(_rss_mb({self.pid, *kids}))
+            self.cpu1.update(cpu_by_process(self.pid, kids))
             self.stop.wait(max(0.0, 0.25 - (time.perf_counter() - t0)))
 
     def summary(self) -> dict:

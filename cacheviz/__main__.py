@@ -133,9 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--flip", action="store_true", help="also store horizontal flips of the cache items")
     exp.add_argument("--train-limit", type=_positive, help="class-balanced subset of N training items as the cache")
     exp.add_argument("--test-limit", type=_positive, help="class-balanced subset of N test items")
-    exp.add_argument("--val-from-train", type=_nonneg, default=0, metavar="N",
+    exp.add_argument("--val-from-train", type=_nonneg, default=None, metavar="N",
                      help="tune on N held-out training items (paper's CIFAR protocol) instead of half the test set")
-    exp.add_argument("--grid", type=_grid, default=(9, 9), help="theta x lam grid resolution (default 9x9)")
+    exp.add_argument("--grid", type=_grid, default=None, help="theta x lam grid resolution (default 9x9)")
     exp.add_argument("--theta-max", type=_number, default=90.0, metavar="T",
                      help="the grid's largest theta (default 90, the paper's; raise it when the best theta is on the edge)")
     exp.add_argument("--protocol", choices=("default", "paper"), default="default",
@@ -182,7 +182,6 @@ def cmd_layers(args) -> int:
     from .models import load_model
     from .store import check_data_dir
 
-    from .errors import CachevizError
     from .models import architecture_only, default_keys_reason
 
     check_data_dir(_data_dir(args))
@@ -247,16 +246,15 @@ def _setup(args, model: str | None = None, project_dim: int | None = None):
         train_limit=args.train_limit, test_limit=args.test_limit, seed=args.seed, project_dim=project_dim,
         theta_max=args.theta_max,
     )
+    # options left unset (None) take the protocol's values; an explicit one always wins (a
+    # smaller dataset cannot hold out 5,000 items); the result's setup records what ran
+    if args.val_from_train is not None:
+        common["val_from_train"] = args.val_from_train
+    if args.grid is not None:
+        common["n_theta"], common["n_lam"] = args.grid
     if getattr(args, "protocol", "default") == "paper":
-        # an explicit --val-from-train or --grid overrides the protocol's (a smaller dataset
-        # cannot hold out 5,000 items); the result's setup records what ran
-        if args.val_from_train:
-            common["val_from_train"] = args.val_from_train
-        if tuple(args.grid) != (9, 9):
-            common["n_theta"], common["n_lam"] = args.grid
         return Setup.paper_protocol(**common)
-    return Setup(**common, flip=args.flip, val_from_train=args.val_from_train, n_theta=args.grid[0],
-                 n_lam=args.grid[1])
+    return Setup(**common, flip=args.flip)
 
 
 def _print_rows(rows: list[dict], cols: list[str], stream=sys.stdout) -> None:

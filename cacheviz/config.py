@@ -13,6 +13,8 @@ MAX_SEED = 2**31 - 1
 # The grid's theta starts at 10 (the paper's lower end); its top may be raised up to MAX_THETA
 # (similarities are at most 1, and exp(theta * (s - max s)) is computed safely at any theta).
 MIN_THETA_MAX, MAX_THETA = 10.0, 10000.0
+# The author's CIFAR protocol tunes on this many held-out training items (and their flips).
+PAPER_VAL_ITEMS = 5000
 
 # The model a dataset gets when none is named.
 DEFAULT_MODEL = {"digits": "digits-cnn", "cifar10": "resnet20"}
@@ -53,12 +55,9 @@ class Setup:
         if not (1 <= self.n_theta <= MAX_GRID and 1 <= self.n_lam <= MAX_GRID):
             raise CachevizError(f"give 1 to {MAX_GRID} values of theta and of lam", "use e.g. 9x9 (the author used 33x33)",
                                 param="grid", value=f"{self.n_theta}x{self.n_lam}")
-        try:
-            ok = isinstance(self.theta_max, (int, float)) and not isinstance(self.theta_max, bool) and \
-                MIN_THETA_MAX < float(self.theta_max) <= MAX_THETA
-        except (TypeError, ValueError):
-            ok = False
-        if not ok:
+        # NaN fails the comparison too
+        if isinstance(self.theta_max, bool) or not isinstance(self.theta_max, (int, float)) or \
+                not MIN_THETA_MAX < self.theta_max <= MAX_THETA:
             raise CachevizError(f"give a largest theta above {MIN_THETA_MAX:g} and at most {MAX_THETA:g}",
                                 "use e.g. 180 to look past the paper's 90", param="theta_max", value=self.theta_max)
         object.__setattr__(self, "theta_max", float(self.theta_max))
@@ -73,7 +72,8 @@ class Setup:
         """The author's CIFAR protocol: the cache holds every training item and its flip; theta
         and lam are tuned on 5,000 held-out training items and their flips (the other training
         items and flips as the cache) on his 33 x 33 grid; the test-time cache holds them all."""
-        fields = {"flip": True, "val_from_train": 5000, "val_flips": True, "n_theta": 33, "n_lam": 33, **fields}
+        fields = {"flip": True, "val_from_train": PAPER_VAL_ITEMS, "val_flips": True, "n_theta": 33, "n_lam": 33,
+                  **fields}
         return cls(**fields)
 
     def to_dict(self) -> dict:

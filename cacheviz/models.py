@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from . import store
 from .errors import CachevizError
+from .features import OUTPUTS
 from .progress import ProgressFn
 
 
@@ -222,7 +223,7 @@ def _cifar_resnet_layers(depth: int) -> tuple[list[tuple[str, float]], list[str]
             k += 1
     # avgpool has no weights, so it sits at the same l as the last block's output.
     layers += [("avgpool", (L - 1) / L), ("logits", 1.0), ("probs", 1.0)]
-    return layers, cifar_resnet_default_keys(depth)
+    return layers, cifar_resnet_default_keys(depth)[0]
 
 
 # The author's own key layers where his code shows them (ResNet20 and ResNet32).
@@ -232,19 +233,27 @@ AUTHOR_KEYS = {
 }
 
 
-def cifar_resnet_default_keys(depth: int) -> list[str]:
-    """Three stage-3 layers spread over the stage (stage 3's layers are 8x8x64 = 4096 values).
-
-    ResNet20 and ResNet32: the author's own (`AUTHOR_KEYS`). Other depths are spread like his
-    (for ResNet56 he took blocks 0, 4 and 8 of 9): the first block's output, the middle block's
-    mid-block ReLU (as in his ResNet32 choice) and the last block's output. With fewer than three
-    blocks, every block's mid-block ReLU."""
+def cifar_resnet_default_keys(depth: int) -> tuple[list[str], str]:
+    """Three stage-3 layers spread over the stage (stage 3's layers are 8x8x64 = 4096 values),
+    and why: ResNet20 and ResNet32 the author's own (`AUTHOR_KEYS`); other depths spread like
+    his (for ResNet56 he took blocks 0, 4 and 8 of 9): the first block's output, the middle
+    block's mid-block ReLU (as in his ResNet32 choice) and the last block's output. With fewer
+    than three blocks, every block's mid-block ReLU."""
     n = _blocks_per_stage(depth)
     if depth in AUTHOR_KEYS:
-        return list(AUTHOR_KEYS[depth])
+        return list(AUTHOR_KEYS[depth]), f"the author's own key layers for ResNet{depth}"
     if n < 3:
-        return [f"layer3.{i}.relu1" for i in range(n)]
-    return ["layer3.0", f"layer3.{n // 2}.relu1", f"layer3.{n - 1}"]
+        return ([f"layer3.{i}.relu1" for i in range(n)],
+                "every stage-3 block's mid-block ReLU (fewer than three blocks)")
+    return (["layer3.0", f"layer3.{n // 2}.relu1", f"layer3.{n - 1}"],
+            "three stage-3 layers spread over the stage like the author's (for ResNet56 he took blocks 0, 4 "
+            "and 8): the first block's output, the middle block's mid-block ReLU, the last block's output")
+
+
+def _resnet_depth(name: str) -> int | None:
+    """The depth in a CIFAR ResNet's name (`resnet56` -> 56), or None for other models."""
+    m = re.fullmatch(r"resnet(\d+)", str(name).strip().lower())
+    return int(m.group(1)) if m else None
 
 
 def cifar_resnet_architecture(depth: int) -> ModelSpec:
@@ -633,7 +642,7 @@ def _torchvision_spec(
     resize = int(tf.resize_size[0])
     interp = "bicubic" if "bicubic" in str(tf.interpolation).lower() else "bilinear"
     layers = _torchvision_layers(net, crop)
-    modules_before_logits = [n for n, _ in layers[1:] if n not in ("logits", "probs")]
+    modules_before_logits = [n for n, _ in layers[1:] if n not in OUTPUTS]
     default = modules_before_logits[-1] if modules_before_logits else "logits"
     return ModelSpec(
         name=full,
@@ -681,9 +690,8 @@ def weights_path(name: str, data_dir: str | Path, checkpoint: str | Path | None 
     key = key.lower()
     if key == "digits-cnn":
         return data_dir / "checkpoints" / DIGITS_FILE
-    m = re.fullmatch(r"resnet(\d+)", key)
-    if m:
-        depth = int(m.group(1))
+    depth = _resnet_depth(key)
+    if depth is not None:
         _blocks_per_stage(depth)
         return data_dir / "checkpoints" / RESNET_FILES.get(depth, f"resnet{depth}.th")
     raise _unknown_model(name)
@@ -722,28 +730,22 @@ def load_model(
     key = key.lower()
     if key == "digits-cnn":
         return _load_digits(data_dir, ckpt, progress, train_if_missing)
-    m = re.fullmatch(r"resnet(\d+)", key)
-    if m:
-        return _load_cifar_resnet(int(m.group(1)), data_dir, ckpt, progress)
+    depth = _resnet_depth(key)
+    if depth is not None:
+        return _load_cifar_resnet(depth, data_dir, ckpt, progress)
     raise _unknown_model(name)
 
 
 def default_keys_reason(name: str) -> str:
     """Why `name`'s default key layers are what they are (for `layers` and the app)."""
-    m = re.fullmatch(r"resnet(\d+)", str(name).strip().lower())
-    if m:
-        depth = int(m.group(1))
-        if depth in AUTHOR_KEYS:
-            return f"the author's own key layers for ResNet{depth}"
-        if _blocks_per_stage(depth) < 3:
-            return "every stage-3 block's mid-block ReLU (fewer than three blocks)"
-        return ("three stage-3 layers spread over the stage like the author's (for ResNet56 he took blocks "
-                "0, 4 and 8): the first block's output, the middle block's mid-block ReLU, the last block's output")
+    depth = _resnet_depth(name)
+    if depth is not None:
+        return cifar_resnet_default_keys(depth)[1]
     return "the model's last hidden layer before the output"
 
 
 def architecture_only(name: str) -> ModelSpec | None:
     """`name`'s spec without weights for the published CIFAR ResNets (none is deeper than
     ResNet1202), else None: a depth nobody published is not built for a listing."""
-    m = re.fullmatch(r"resnet(\d+)", str(name).strip().lower())
-    return cifar_resnet_architecture(int(m.group(1))) if m and int(m.group(1)) in RESNET_FILES else None
+    depth = _resnet_depth(name)
+    return cifar_resnet_architecture(depth) if depth in RESNET_FILES else None

@@ -82,10 +82,8 @@ def grid_table_html(result: Mapping) -> str:
     for i, theta in enumerate(thetas):
         tds = []
         for j, lam in enumerate(lams):
-            v = acc[i, j]
-            frac = (v - lo) / span
-            bg = next(colours)
-            fg = "black" if frac > 0.6 else "white"
+            v, bg = acc[i, j], next(colours)
+            fg = "black" if fracs[i * len(lams) + j] > 0.6 else "white"
             chosen = theta == result["theta"] and lam == result["lam"]
             text = f"{'★ ' if chosen else ''}{v:.1f}"
             weight = ";font-weight:700;outline:2px solid white;outline-offset:-3px" if chosen else ""

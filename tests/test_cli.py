@@ -211,6 +211,10 @@ def test_paper_protocol_in_one_choice(data_dir, tmp_path, capsys):
     assert r["val_part"] == "train" and r["n_val"] == 240  # the held-out items and their flips
     assert r["n_cache"] == 2 * 1348 and r["setup"]["val_flips"] and r["setup"]["flip"]
     assert len(r["grid"]["thetas"]) == 5
+    # an explicit --grid wins even when it names the default resolution
+    assert main(["evaluate", "--data-dir", str(data_dir), "--protocol", "paper", "--val-from-train", "120",
+                 "--grid", "9x9", "--json", str(out)]) == 0
+    assert len(json.loads(out.read_text())["grid"]["thetas"]) == 9
     # without an override the protocol's 5,000 cannot be held out of 1,348: one sentence with the fix
     capsys.readouterr()
     assert main(["evaluate", "--data-dir", str(data_dir), "--protocol", "paper"]) == 2

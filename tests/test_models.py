@@ -435,7 +435,7 @@ def test_shared_resnet20_accuracy(tmp_path):
 @pytest.mark.parametrize("depth", [8, 14, 20, 32, 44, 56, 110, 1202])
 def test_default_keys_are_three_stage3_layers_spread_over_the_stage(depth):
     n = (depth - 2) // 6
-    keys = models.cifar_resnet_default_keys(depth)
+    keys, _ = models.cifar_resnet_default_keys(depth)
     names = [name for name, _ in models._cifar_resnet_layers(depth)[0]]
     assert set(keys) <= set(names) and all(k.startswith("layer3.") for k in keys)
     assert len(set(keys)) == min(3, n)

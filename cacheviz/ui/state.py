@@ -10,7 +10,7 @@ import streamlit as st
 import torch
 
 from .. import store
-from ..config import DEFAULT_MODEL, Setup
+from ..config import DEFAULT_MODEL, PAPER_VAL_ITEMS, Setup
 from ..errors import CachevizError
 from ..features import LayerInfo, list_layers
 from .messages import message
@@ -218,7 +218,7 @@ def current() -> Choice:
     limit = max(10, int(round(n_train * frac / 100))) if frac < 100 and n_train else None
     if s[K_PROTOCOL] == "paper":
         # 5,000 held out of CIFAR-10's 50,000; a tenth of a smaller training set
-        held = min(5000, max(1, (limit or n_train or 0) // 10))
+        held = min(PAPER_VAL_ITEMS, max(1, (limit or n_train or 0) // 10))
         setup = Setup.paper_protocol(dataset=s[K_DATASET], model=s[K_MODEL], layers=layers, train_limit=limit,
                                      val_from_train=held)
     else:

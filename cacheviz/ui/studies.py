@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..config import Setup
-from ..features import LayerInfo
+from ..features import OUTPUTS, LayerInfo
 from ..study import StudyGroup
 from ..sweeps import LayerSweep, SizeSweep, table1_group
 from .state import DATASETS, Choice, test_size, train_size
@@ -47,7 +47,7 @@ def sweep_feature_bytes(choice: Choice, infos: tuple[LayerInfo, ...] | list[Laye
 
 def compare_defaults(choice: Choice) -> tuple[str, str]:
     """Layer A: the first key layer; layer B: the layer of at most 4096 dims farthest from it in depth."""
-    infos = [i for i in choice.layer_infos if i.name not in ("input", "logits", "probs")] or list(choice.layer_infos)
+    infos = [i for i in choice.layer_infos if i.name != "input" and i.name not in OUTPUTS] or list(choice.layer_infos)
     names = [i.name for i in infos]
     a = choice.layers[0] if choice.layers and choice.layers[0] in names else names[-1]
     depth = {i.name: i.depth for i in infos}
