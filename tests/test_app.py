@@ -318,15 +318,23 @@ def test_progress_shows_stages_place_in_line_and_eta():
     """What a watching session sees of a job (drawn from its snapshot)."""
 
     def page():
-        from cacheviz.ui.panels import _draw_snapshot
+        import streamlit as st
+
+        from cacheviz.ui.panels import _bar, _stage_lines
 
         stages = ("load data", "extract train features", "grid search")
         base = dict(detail="", done=0, total=1, elapsed=3.0, stage_elapsed=1.0, finished=[], error=None,
                     seconds=None, title="t")
-        _draw_snapshot({**base, "state": "queued", "stage": "", "ahead": 2}, stages)
-        _draw_snapshot({**base, "state": "running", "stage": "extract train features", "ahead": 0,
-                        "detail": "extracting features", "done": 256, "total": 1348, "stage_elapsed": 5.0,
-                        "finished": [("load data", 2.5)]}, stages)
+        queued = {**base, "state": "queued", "stage": "", "ahead": 2}
+        running = {**base, "state": "running", "stage": "extract train features", "ahead": 0,
+                   "detail": "extracting features", "done": 256, "total": 1348, "stage_elapsed": 5.0,
+                   "finished": [("load data", 2.5)]}
+        st.markdown(_stage_lines(queued, stages))
+        st.markdown(_stage_lines(running, stages))
+        # a tick with nothing new in the stage list words it the same, so follow() does not resend it
+        assert _stage_lines({**running, "elapsed": 9.0, "stage_elapsed": 7.0, "done": 300}, stages) == \
+            _stage_lines(running, stages)
+        st.progress(*_bar(running))
 
     at = AppTest.from_function(page)
     at.run()
@@ -335,7 +343,7 @@ def test_progress_shows_stages_place_in_line_and_eta():
     assert "**In line** — 2 jobs ahead of this one" in text
     assert "load data — 2 s" in text and "**extract train features**" in text
     (bar,) = at.get("progress")
-    assert "256/1348" in bar.proto.text and "ETA" in bar.proto.text
+    assert "256/1348" in bar.proto.text and "ETA" in bar.proto.text and "elapsed 3 s" in bar.proto.text
 
 
 def test_the_paper_protocol_is_one_choice_in_the_sidebar(env):

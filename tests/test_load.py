@@ -31,11 +31,12 @@ def test_a_class_of_sessions_gets_one_build_and_a_responsive_server(load):
     n = int(os.environ.get("CACHEVIZ_LOAD_N", "8"))
     res = load.measure(n, timeout_s=240)
     print("\n" + load.table(res))
-    crowd, alone = res["crowd"], res["alone"]
-    assert not crowd["errors"] and not alone["errors"], crowd["errors"] + alone["errors"]
-    assert crowd["with_results"] == n and crowd["galleries"] == n and crowd["sliders"] == n
-    assert crowd["click_spread_s"] < 1.0
+    for run in res["runs"]:  # every run, not only the best: no errors, every session served
+        crowd, alone = run["crowd"], run["alone"]
+        assert not crowd["errors"] and not alone["errors"], crowd["errors"] + alone["errors"]
+        assert crowd["with_results"] == n and crowd["galleries"] == n and crowd["sliders"] == n
+        assert crowd["click_spread_s"] < 1.0
+        health = crowd["health"]
+        assert health["p95_s"] <= load.GOALS["health_p95_s"] and health["failed"] == 0, health
+        assert health["peak_rss_mb"] < 4096  # the server and its worker, bounded
     assert res["slowdown"] <= load.GOALS["slowdown"], load.table(res)
-    health = crowd["health"]
-    assert health["p95_s"] <= load.GOALS["health_p95_s"] and health["failed"] == 0, health
-    assert health["peak_rss_mb"] < 4096  # the server and its worker, bounded
