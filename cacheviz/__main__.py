@@ -17,6 +17,7 @@ import time
 import warnings
 from pathlib import Path
 
+from .config import COMBINE_TOP
 from .errors import CachevizError
 
 # How this command line names the engine's parameters in messages (None: it has no such flag).
@@ -45,8 +46,10 @@ def _data_dir(args) -> Path:
 class TerminalProgress:
     """A study's stages as lines on stderr: one updating line per stage, with elapsed time and ETA."""
 
-    def __init__(self, stream=sys.stderr):
-        self.stream = stream
+    def __init__(self, stream=None):
+        # sys.stderr at call time, not at import: a default bound at import keeps a stream that
+        # a caller (a test's capture) may have closed since
+        self.stream = stream = stream or sys.stderr
         self.name = None
         self.t0 = time.perf_counter()
         self.tty = stream.isatty()
@@ -172,7 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument("--models", help="comma-separated models (default: --model)")
     tp.add_argument("--layers", help="comma-separated key layers of the 'cache' row (default: each model's own)")
     tp.add_argument("--project-dim", type=_positive, help="random-project layers wider than D to D dimensions")
-    tp.add_argument("--combine-top", type=_positive, default=3, help="Cache3 combines up to 3 of the N best single layers")
+    tp.add_argument("--combine-top", type=_positive, default=COMBINE_TOP,
+                    help="Cache3 scores every layer of the last stage alone, then every pair and triple of the N best "
+                         f"(default {COMBINE_TOP}: every set of up to 3 of ResNet20's six stage-3 layers)")
     tp.add_argument("--out", metavar="OUT", help=out_help)
     return p
 
