@@ -1,6 +1,6 @@
 """Speed and memory goals of the engine, as ratios against limits measured in the same run.
 
-    python benchmarks/run.py [--device cpu|cuda] [--quick] [--only abcdef] [--update-readme]
+    python benchmarks/run.py [--device cpu|cuda] [--quick] [--only abcdefg] [--update-readme]
     python benchmarks/run.py --table-only [--update-readme]
 
 Every timed benchmark runs 5 times, alternating with the limit it is set against (also run 5
@@ -27,6 +27,11 @@ of the medians and the min–max of the per-run ratios. On CUDA every clock read
     real layer3.0 similarities, 10 classes, the 9 thetas of the default grid: class masses as
     row-slice sums vs `w @ V`, and `p_mem_sweep` (one multiply per theta after the first) vs
     `p_mem` per theta (one exp each), end to end and the elementwise pass alone.
+(g) Cache3's search: all 41 key sets of up to three of ResNet20's six stage-3 layers, tuned on
+    the 9x9 grid and tested, at once (`study.score_key_sets`: one product per layer and query
+    block for every set) vs one set at a time (`study.score_keys`), on a 10,000-item cache with
+    1,000 validation + 1,000 test queries (3 runs each after a warm-up, alternating). Goal < 1x. Without the
+    shared CIFAR-10: digits-cnn's 4 hidden layers (14 sets) on the bundled digits.
 
 On the CPU, (c) and (d) run each time in a fresh process (`--worker`), timed around the study's
 `run` (imports excluded), so that its peak RSS (`getrusage`) is the run's own. On CUDA they run
@@ -83,7 +88,7 @@ REPS = 5
 BATCH = 256  # the engine's default batch size
 CKPT = "resnet20-12fca82f.th"
 MARKER = ".cacheviz-benchmark"  # marks a data directory this script made (it deletes features/ there)
-LETTERS = "abcdef"
+LETTERS = "abcdefg"
 # --quick: tiny caches and test sets for (c), (d), (e)
 QUICK_LIMITS = {"train_limit": 2000, "test_limit": 1000}
 SWEEP_DIM = 1024  # (d): the CLI's default --project-dim for sweep-layers
@@ -475,6 +480,35 @@ def bench_block(spec, train_x, train_y, test_x, n_rows: int, device, real: bool)
 
 
 # ---------------------------------------------------------------------------------------------
+# (g): Cache3's key sets at once
+
+
+def bench_key_sets(data_dir: Path, device, real: bool, quick: bool) -> dict:
+    import itertools
+
+    from cacheviz.study import score_key_sets, score_keys
+    from cacheviz.sweeps import cache3_candidates
+    from cacheviz.workspace import ExperimentData, prepare
+
+    if real:
+        n = (2000, 500) if quick else (10000, 2000)
+        setup = Setup(dataset="cifar10", model="resnet20", train_limit=n[0], test_limit=n[1])
+    else:
+        setup = Setup()
+    ws = prepare(setup, data_dir, device)
+    layers = cache3_candidates(ws.spec)
+    data = ExperimentData(ws, layers)
+    sets = [list(c) for size in (1, 2, 3) for c in itertools.combinations(layers, size)]
+    thetas, lams = default_grid(9, 9)
+    t = alternate({"at_once": lambda: score_key_sets(data, sets, thetas, lams),
+                   "one_at_a_time": lambda: [score_keys(data, s_, thetas, lams) for s_ in sets]},
+                  device, reps=3)
+    return {"model": ws.spec.name, "layers": layers, "sets": len(sets), "n_cache": len(data.y_cache),
+            "n_val": len(data.y_val), "n_test": len(data.y_test),
+            **compare(t["at_once"], t["one_at_a_time"], 1.0)}
+
+
+# ---------------------------------------------------------------------------------------------
 # The README table
 
 
@@ -570,6 +604,12 @@ def table(res: dict) -> str:
         rows.append(f"| (f) the elementwise pass alone: exp(theta_k s) as a multiply, same block | {spread(el['time'])} "
                     f"| one exp pass (theta = {f['thetas'][-1]:g}): {fmt_s(el['limit']['median'])} | {speedup_cell(el)} "
                     f"| < 1x |")
+    g = res.get("g")
+    if g:
+        rows.append(f"| (g) Cache3's {g['sets']} key sets of {g['model']}'s {len(g['layers'])} candidate layers, "
+                    f"{g['n_cache']} cache, {g['n_val']} val + {g['n_test']} test queries, all at once "
+                    f"(`score_key_sets`) | {spread(g['time'])} | one set at a time (`score_keys`): "
+                    f"{fmt_s(g['limit']['median'])} | {speedup_cell(g)} | < 1x |")
     e = res.get("e")
     if e:
         rows.append("")
@@ -641,7 +681,7 @@ def main() -> int:
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the engine runs (default cpu)")
     ap.add_argument("--quick", action="store_true",
                     help="smoke run: 5 runs of tiny sizes; writes results/quick*.json, never the README")
-    ap.add_argument("--only", help="which benchmarks to run, e.g. ab (default abcdef; on cuda abcdf)")
+    ap.add_argument("--only", help="which benchmarks to run, e.g. ab (default abcdefg; on cuda abcdfg)")
     ap.add_argument("--update-readme", action="store_true", help="rewrite the table between the README's bench markers")
     ap.add_argument("--table-only", action="store_true", help="rebuild the table from results/latest*.json")
     ap.add_argument("--shared", help="folder with data/cifar10 and weights/ (default ../shared)")
@@ -670,7 +710,7 @@ def main() -> int:
         print(f"benchmarks/run.py: --device cuda needs a GPU that torch {torch.__version__} can use, and this "
               "machine has none; run without --device here, or on a machine with an NVIDIA GPU.", file=sys.stderr)
         return 2
-    only = args.only if args.only is not None else ("abcdf" if args.device == "cuda" else LETTERS)
+    only = args.only if args.only is not None else ("abcdfg" if args.device == "cuda" else LETTERS)
     if not only or set(only) - set(LETTERS):
         print(f"benchmarks/run.py: --only takes letters from {LETTERS}, e.g. --only ab; got {only!r}.", file=sys.stderr)
         return 2
@@ -747,6 +787,8 @@ def main() -> int:
             bench("e", lambda: bench_projection(data_dir, device, quick))
         if "f" in only:
             bench("f", lambda: bench_block(spec, *block_inputs(), block_rows(50000), device, real))
+        if "g" in only:
+            bench("g", lambda: bench_key_sets(data_dir, device, real, quick))
     save()
     res = load_results(name) if (RESULTS / name).exists() else res
     md = res.get("table") or table(res)

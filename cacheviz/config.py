@@ -8,6 +8,8 @@ from .errors import CachevizError
 
 # A finer theta x lam grid than this is refused: it costs time and tunes nothing more.
 MAX_GRID = 101
+# Cache3 combines the N best single layers in pairs and triples (6: all of ResNet20's stage 3).
+COMBINE_TOP = 6
 # Seeds feed torch generators and the projection's seed arithmetic: 31 bits keep both exact.
 MAX_SEED = 2**31 - 1
 # The grid's theta starts at 10 (the paper's lower end); its top may be raised up to MAX_THETA

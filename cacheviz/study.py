@@ -24,7 +24,7 @@ from .config import Setup
 from .data import dataset_fingerprint
 from .models import weights_fingerprint
 from .progress import Prefixed, ProgressFn, Reporter, Silent, Stage, prefixed, reporter
-from .tuning import GridResult, accuracy, grid_search, predict
+from .tuning import GridResult, LayeredCache, accuracy, grid_search, grid_search_sets, predict, predict_sets
 from .workspace import ExperimentData, Workspace, prepare, resolve_device
 
 # Bump when a change to the engine alters what a stored result means or holds.
@@ -129,6 +129,52 @@ def score_keys(
         theta=theta, lam=lam, theta_cache_only=theta_co, grid=grid, p_net=data.p_test.cpu(), p=p,
         p_cache_only=p_co, knn_pred=knn, y=data.y_test,
     )
+
+
+def score_key_sets(
+    data: ExperimentData,
+    sets: Sequence[Sequence[str]],
+    thetas: Sequence[float],
+    lams: Sequence[float],
+    progress: ProgressFn | None = None,
+) -> list[KeyScore]:
+    """`score_keys` for many key sets of `data`'s layers at once: each set tuned on validation
+    and scored on the test part, from one matrix product per layer and query block for all the
+    sets (`tuning.LayeredCache`; the same numbers as `score_keys` up to float rounding). No k-NN
+    vote. `progress(done, total, detail)` over the query blocks of tuning, then of testing."""
+    sets = [list(s) for s in sets]
+    layers = list(dict.fromkeys(name for s in sets for name in s))
+    dev = data.device
+    feats = {name: data.tf[name] for name in layers}
+    val_src = data.tf if data.from_train else data.qf
+    q_val = {name: val_src[name][data.vrows.to(dev)] for name in layers}
+    q_test = {name: data.qf[name][data.trow.to(dev)] for name in layers}
+    val_rows, test_rows = data.cache_rows("val"), data.cache_rows("test")
+    val_cache = LayeredCache(feats, val_rows, data.y_cache[val_rows], data.n_classes)
+    n_val, n_test = len(data.y_val), len(data.y_test)
+    total = n_val + n_test
+
+    def tuning_step(done, _total, _detail=""):
+        if progress:
+            progress(done, total, "tuning every key set")
+
+    def testing_step(done, _total, _detail=""):
+        if progress:
+            progress(n_val + done, total, "testing every key set")
+
+    grids = grid_search_sets(val_cache, q_val, data.p_val, data.y_val, sets, thetas, lams, progress=tuning_step)
+    del q_val
+    same = len(val_rows) == len(test_rows) and bool((val_rows == test_rows).all())
+    test_cache = val_cache if same else LayeredCache(feats, test_rows, data.y_cache[test_rows], data.n_classes)
+    outs = predict_sets(test_cache, q_test, data.p_test, sets,
+                        [[(g.theta, g.lam), (g.theta_cache_only, 1.0)] for g in grids], progress=testing_step)
+    p_net = data.p_test.cpu()
+    return [
+        KeyScore(layers=s, key_dim=test_cache.dim(s), n_cache=len(test_cache), n_cache_val=len(val_cache),
+                 theta=g.theta, lam=g.lam, theta_cache_only=g.theta_cache_only, grid=g, p_net=p_net, p=p,
+                 p_cache_only=p_co, knn_pred=None, y=data.y_test)
+        for s, g, (p, p_co) in zip(sets, grids, outs)
+    ]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,17 +7,19 @@ settings, so a CSV or a figure can be remade from the rows alone.
 from __future__ import annotations
 
 import itertools
+import os
+import re
 import time
 from dataclasses import dataclass
 from typing import Sequence
 
 from . import store
-from .config import Setup
+from .config import COMBINE_TOP, Setup
 from .data import balanced_subset
 from .errors import CachevizError
 from .features import OUTPUTS, list_layers, resolve_layers
 from .progress import Stage
-from .study import KeyScore, Run, Study, StudyGroup, rounded, score_keys
+from .study import KeyScore, Run, Study, StudyGroup, rounded, score_key_sets, score_keys
 from .tuning import LAM_RANGE, THETA_RANGE, accuracy, default_grid, on_edge
 from .workspace import ExperimentData
 
@@ -148,19 +150,58 @@ class SizeSweep(Study):
         return rows
 
 
+# Cache3's candidate layers that may sit in memory at once: this share of the machine's RAM.
+CANDIDATE_RAM_SHARE = 0.4
+
+
+def cache3_candidates(spec) -> list[str]:
+    """The layers Cache3 searches: every tappable layer of the last stage of a ResNet (`layerN.*`
+    with the largest N: stage 3 of the CIFAR ResNets, all 6 of ResNet20's and 18 of ResNet56's),
+    else every hidden layer (neither the input nor the output)."""
+    names = [i.name for i in list_layers(spec) if i.name != "input" and i.name not in OUTPUTS]
+    stages = sorted({int(m.group(1)) for n in names if (m := re.match(r"layer(\d+)\.", n))})
+    if stages:
+        return [n for n in names if n.startswith(f"layer{stages[-1]}.")]
+    return names
+
+
+def _ram_bytes() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 8 * 2**30
+
+
+def _groups(layers: list[str], layer_bytes: dict[str, int], budget: int) -> list[list[str]]:
+    """Consecutive groups of `layers` whose features fit `budget` bytes together (one layer may not)."""
+    groups: list[list[str]] = []
+    used = budget + 1
+    for name in layers:
+        if used + layer_bytes[name] > budget:
+            groups.append([])
+            used = 0
+        groups[-1].append(name)
+        used += layer_bytes[name]
+    return groups
+
+
 @dataclass(frozen=True)
 class Table1(Study):
     """Table 1: error of baseline / cache / cache-only, plus "Cache3".
 
-    The cache with the setup's key layers (tuned on validation), and the best combination of up
-    to 3 of the `combine_top` best single layers (ranked by validation accuracy with re-tuned
-    theta, lam) among the deepest non-logit layers, chosen on validation, as the paper's Cache3.
+    The cache with the setup's key layers (tuned on validation), and Cache3, the best key set on
+    validation among: every candidate layer alone (`cache3_candidates`: all of a ResNet's last
+    stage), then every pair and triple of the `combine_top` best single layers. With the default
+    6 that is every combination of up to three of ResNet20's six stage-3 layers (41 sets); for
+    ResNet56, its 18 stage-3 layers alone and the 35 pairs and triples of the best six. Every set
+    is scored with theta and lam re-tuned (`study.score_key_sets`); candidates are extracted in
+    groups that fit `CANDIDATE_RAM_SHARE` of the machine's memory.
     Rows: model, dataset, variant (baseline, cache, cache-only, cache3), error, val_acc, theta,
-    lam, layers, key_dim, n_cache; the cache3 row adds candidates and n_combinations.
+    lam, layers, key_dim, n_cache; the cache3 row adds candidates and n_combinations (sets tried).
     """
 
     setup: Setup
-    combine_top: int = 3
+    combine_top: int = COMBINE_TOP
     kind = "table1"
     stages = (*EXTRACT, Stage.KEY_SETS)
 
@@ -173,44 +214,60 @@ class Table1(Study):
         return (self.setup,)
 
     def options(self) -> dict:
-        return {"setup": self.setup.identity(), "combine_top": int(self.combine_top)}
+        return {"setup": self.setup.identity(), "combine_top": int(self.combine_top), "cache3": "stage-sets-v2"}
 
     def compute(self, run: Run) -> list[dict]:
         ws = run.prepare(self.setup)
         thetas, lams = default_grid(self.setup.n_theta, self.setup.n_lam, self.setup.theta_max)
-        # candidates for Cache3: the deepest non-logit layers; ranking every layer of a deep net
-        # would cost a sweep of its own
-        infos = [i for i in list_layers(ws.spec) if i.name != "input" and i.name not in OUTPUTS]
-        candidates = [i.name for i in infos[-max(self.combine_top * 2, 6):]]
-        data = ExperimentData(ws, list(dict.fromkeys([*ws.layers, *candidates])), run.progress)
-        top_n = min(self.combine_top, len(candidates))
-        n_combos = sum(len(list(itertools.combinations(range(top_n), k))) for k in range(2, min(3, top_n) + 1))
-        total, done = 1 + len(candidates) + n_combos, 0
-        run.progress.stage(Stage.KEY_SETS)
+        candidates = cache3_candidates(ws.spec)
+        top_n = min(int(self.combine_top), len(candidates))
+        combos = [c for size in (2, 3) for c in itertools.combinations(range(top_n), size)]
+        total, done = 1 + len(candidates) + len(combos), 0
+        n_train, n_test = len(ws.split.cache_test_idx), len(ws.ds.test_y)
+        layer_bytes = {n: ws.feature_bytes(n_train, [n], self.setup.flip) + ws.feature_bytes(n_test, [n])
+                       for n in dict.fromkeys([*candidates, *ws.layers])}
+        budget = int(CANDIDATE_RAM_SHARE * _ram_bytes())
 
-        def scored(layers: list[str]) -> KeyScore:
+        def scored(data: ExperimentData, sets: list[list[str]]) -> list[KeyScore]:
             nonlocal done
-            sc = score_keys(data, layers, thetas, lams)
-            done += 1
-            run.progress.step(done, total, "+".join(layers))
-            return sc
+            base = done
+            run.progress.stage(Stage.KEY_SETS)
 
-        main = scored(list(ws.layers))
-        singles = sorted((scored([n]) for n in candidates), key=lambda sc: -sc.val_acc)
-        best, tried = singles[0], len(singles)
-        top = [sc.layers[0] for sc in singles[:self.combine_top]]
-        for size in range(2, min(3, len(top)) + 1):
-            for combo in itertools.combinations(top, size):
-                sc = scored(list(combo))
-                tried += 1
-                if sc.val_acc > best.val_acc:
-                    best = sc
+            def step(k, n, _detail=""):  # in key sets, scored together: this batch's share so far
+                run.progress.step(base + len(sets) * k // max(n, 1), total, f"{len(sets)} key sets of "
+                                  f"{', '.join(dict.fromkeys(x for s_ in sets for x in s_))}")
+
+            out = score_key_sets(data, sets, thetas, lams, progress=step)
+            done = base + len(sets)
+            return out
+
+        singles: list[KeyScore] = []
+        for group in _groups(candidates, layer_bytes, budget):
+            data = ExperimentData(ws, group, run.progress)
+            singles += scored(data, [[n] for n in group])
+            del data
+        singles.sort(key=lambda sc: -sc.val_acc)  # stable: ties keep the shallower layer first
+        top = [sc.layers[0] for sc in singles[:top_n]]
+        # each set in network order: the order of concatenation changes no similarity, only the name
+        sets = [sorted((top[i] for i in c), key=candidates.index) for c in combos]
+        main_layers = list(ws.layers)
+        if sum(layer_bytes[n] for n in dict.fromkeys([*top, *main_layers])) <= budget:
+            data = ExperimentData(ws, list(dict.fromkeys([*top, *main_layers])), run.progress)
+            main, *pairs = scored(data, [main_layers, *sets])
+        else:
+            data = ExperimentData(ws, main_layers, run.progress)
+            (main,) = scored(data, [main_layers])
+            del data
+            data = ExperimentData(ws, top, run.progress) if sets else None
+            pairs = scored(data, sets) if sets else []
+        del data
+        best = max([*singles, *pairs], key=lambda sc: sc.val_acc)  # first of equals: fewer layers
         common = {"model": ws.spec.name, "dataset": self.setup.dataset, "device": run.device_name}
 
         def row(variant: str, acc: float, val_acc, sc: KeyScore | None, theta=None, lam=None, **extra) -> dict:
             return rounded({**common, "variant": variant, "error": 1 - acc, "val_acc": val_acc, "theta": theta,
-                            "theta_on_edge": on_edge(theta, thetas), "lam": lam, "layers": sc.layers if sc else [], "key_dim": sc.key_dim if sc else None,
-                            "n_cache": sc.n_cache if sc else 0, **extra})
+                            "theta_on_edge": on_edge(theta, thetas), "lam": lam, "layers": sc.layers if sc else [],
+                            "key_dim": sc.key_dim if sc else None, "n_cache": sc.n_cache if sc else 0, **extra})
 
         g = main.grid
         return [
@@ -218,10 +275,10 @@ class Table1(Study):
             row("cache", main.acc, g.best_acc, main, main.theta, main.lam),
             row("cache-only", main.cache_only_acc, g.best_acc_cache_only, main, main.theta_cache_only, 1.0),
             row("cache3", best.acc, best.val_acc, best, best.theta, best.lam, candidates=candidates,
-                n_combinations=tried),
+                n_combinations=len(singles) + len(pairs)),
         ]
 
 
-def table1_group(setups: Sequence[Setup], combine_top: int = 3) -> StudyGroup:
+def table1_group(setups: Sequence[Setup], combine_top: int = COMBINE_TOP) -> StudyGroup:
     """Table 1 for several models: one stored study per model, rows concatenated."""
     return StudyGroup([(s.model, Table1(s, combine_top)) for s in setups])

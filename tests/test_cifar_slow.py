@@ -26,3 +26,23 @@ def test_resnet20_cache_beats_baseline_on_cifar10(cifar_dir):
     assert r["cache_acc"] > r["baseline_acc"] + 0.01  # stage-3 keys beat the network
     assert r["cache_only_acc"] < r["cache_acc"]
     assert r["cache_acc_val"] > r["baseline_acc_val"]
+
+
+def test_resnet20_cache3_tries_every_set_of_its_stage3_layers(cifar_dir):
+    """Cache3's search on the real network: all 41 sets of up to three of its six stage-3 layers,
+    so the author's own three (the mid-block ReLUs) are among them and cannot beat its pick."""
+    from cacheviz.study import score_keys
+    from cacheviz.sweeps import Table1
+    from cacheviz.tuning import default_grid
+    from cacheviz.workspace import ExperimentData, prepare
+
+    setup = Setup(dataset="cifar10", model="resnet20", train_limit=2000, test_limit=1000)
+    cache3 = Table1(setup).run(cifar_dir, "cpu")[3]
+    assert cache3["candidates"] == ["layer3.0.relu1", "layer3.0", "layer3.1.relu1", "layer3.1",
+                                    "layer3.2.relu1", "layer3.2"]
+    assert cache3["n_combinations"] == 6 + 15 + 20
+    ws = prepare(setup, cifar_dir, "cpu")
+    authors = ["layer3.0.relu1", "layer3.1.relu1", "layer3.2.relu1"]
+    data = ExperimentData(ws, authors)
+    theirs = score_keys(data, authors, *default_grid()).val_acc
+    assert theirs <= cache3["val_acc"] + 1 / len(data.y_val) + 1e-9

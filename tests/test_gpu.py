@@ -73,3 +73,21 @@ def test_a_small_evaluate_on_cuda_gives_the_cpus_numbers(data_dir):
     for k in ("baseline_acc", "cache_acc", "cache_only_acc", "knn_acc"):
         assert abs(on_gpu[k] - on_cpu[k]) <= 1 / n + 1e-9, k  # at most one test item apart
     assert on_gpu["inputs"] == on_cpu["inputs"]
+
+
+def test_key_sets_at_once_on_cuda_give_the_cpus_numbers(data_dir):
+    """Cache3's kernel (one product per layer for every set) with the features on the device."""
+    from cacheviz.study import score_key_sets
+
+    sets = [["relu3"], ["pool", "relu3"], ["relu1", "pool", "relu3"]]
+    thetas, lams = default_grid()
+    scores = {}
+    for device in ("cpu", "cuda"):
+        ws = prepare(Setup(), data_dir, device)
+        data = ExperimentData(ws, ["relu1", "pool", "relu3"])
+        scores[device] = score_key_sets(data, sets, thetas, lams)
+        n_val = len(data.y_val)
+    assert scores["cuda"][0].p.device.type == "cpu"  # results come back to the host
+    for cpu, gpu in zip(scores["cpu"], scores["cuda"]):  # at most one item apart
+        assert abs(cpu.val_acc - gpu.val_acc) <= 1 / n_val + 1e-9
+        assert abs(cpu.acc - gpu.acc) <= 1 / len(cpu.y) + 1e-9

@@ -2,11 +2,12 @@
 import itertools
 
 import pytest
+import torch
 
 from cacheviz.config import Setup
 from cacheviz.errors import CachevizError
 from cacheviz.experiment import Evaluate
-from cacheviz.study import StudyGroup, score_keys
+from cacheviz.study import StudyGroup, score_key_sets, score_keys
 from cacheviz.sweeps import MIDDLE_LAM, MIDDLE_THETA, LayerSweep, SizeSweep, Table1, table1_group
 from cacheviz.tuning import default_grid
 from cacheviz.workspace import ExperimentData, prepare
@@ -68,6 +69,8 @@ def test_table1_cache3_is_the_best_combination_on_validation(data_dir):
         assert TABLE_KEYS <= set(r) and 0 <= r["error"] <= 1
     assert rows[1]["layers"] == ["relu3"] and rows[2]["lam"] == 1.0
     cache3 = rows[3]
+    # digits-cnn has no stages: every hidden layer is a candidate
+    assert cache3["candidates"] == ["relu1", "relu2", "pool", "relu3"]
     # every candidate alone, then the combinations of up to 3 of the best 3, scored here again
     ws = prepare(setup, data_dir, "cpu")
     data = ExperimentData(ws, cache3["candidates"])
@@ -77,15 +80,33 @@ def test_table1_cache3_is_the_best_combination_on_validation(data_dir):
     for size in (2, 3):
         for combo in itertools.combinations([t[0] for t in top], size):
             val[combo] = score_keys(data, list(combo), thetas, lams).val_acc
-    assert cache3["n_combinations"] == len(val)
-    assert cache3["val_acc"] == pytest.approx(max(val.values()), abs=1e-6)
-    assert val[tuple(cache3["layers"])] == pytest.approx(max(val.values()), abs=1e-6)
+    assert cache3["n_combinations"] == len(val) == 4 + 3 + 1
+    # the same best set, up to one validation item of float rounding between the two kernels
+    one_item = 1 / len(data.y_val) + 1e-9
+    assert cache3["val_acc"] == pytest.approx(max(val.values()), abs=one_item)
+    assert val[tuple(cache3["layers"])] == pytest.approx(max(val.values()), abs=one_item)
+
+
+def test_cache3_searches_the_whole_last_stage():
+    from cacheviz.models import architecture_only
+    from cacheviz.sweeps import _groups, cache3_candidates
+
+    r20 = cache3_candidates(architecture_only("resnet20"))
+    assert r20 == ["layer3.0.relu1", "layer3.0", "layer3.1.relu1", "layer3.1", "layer3.2.relu1", "layer3.2"]
+    r56 = cache3_candidates(architecture_only("resnet56"))
+    assert len(r56) == 18 and r56[0] == "layer3.0.relu1" and r56[-1] == "layer3.8"
+    assert {"layer3.0", "layer3.4.relu1", "layer3.8"} <= set(r56)  # the author's ResNet56 keys
+    # candidates are extracted in groups that fit the memory budget, in order, none left out
+    sizes = dict.fromkeys(r56, 10)
+    assert _groups(r56, sizes, 45) == [r56[i:i + 4] for i in range(0, 18, 4)]
+    assert _groups(r56, sizes, 5) == [[n] for n in r56]  # a layer larger than the budget goes alone
 
 
 def test_table1_group_stores_each_model_on_its_own(data_dir):
     group = table1_group([Setup()])
     assert isinstance(group, StudyGroup) and group.stages == Table1.stages
-    assert group.lookup(data_dir) == Table1(Setup()).run(data_dir)
+    rows = Table1(Setup()).run(data_dir)
+    assert group.lookup(data_dir) == rows
 
 
 def test_sweeps_persist(data_dir, monkeypatch):
@@ -112,3 +133,22 @@ def test_sweep_commands_write_json_and_csv(data_dir, tmp_path, capsys):
     assert [r["variant"] for r in csv.DictReader(open(tmp_path / "t.csv"))] == ["baseline", "cache", "cache-only", "cache3"]
     assert main(["sweep-size", "--data-dir", str(data_dir), "--fractions", "half"]) == 2
     assert "--fractions half: give comma-separated numbers" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("paper", [False, True], ids=["val-from-test", "val-from-train-with-flips"])
+def test_many_key_sets_at_once_score_as_one_at_a_time(data_dir, paper):
+    """The layered kernel (one product per layer for every set) gives score_keys' numbers."""
+    setup = Setup(flip=True, val_from_train=300, val_flips=True) if paper else Setup()
+    ws = prepare(setup, data_dir, "cpu")
+    layers = ["relu1", "pool", "relu3"]
+    data = ExperimentData(ws, layers)
+    thetas, lams = default_grid()
+    sets = [["relu3"], ["pool"], ["pool", "relu3"], ["relu1", "pool", "relu3"]]
+    for fast, one in zip(score_key_sets(data, sets, thetas, lams), (score_keys(data, s, thetas, lams) for s in sets)):
+        assert fast.layers == one.layers and fast.key_dim == one.key_dim
+        assert (fast.n_cache, fast.n_cache_val) == (one.n_cache, one.n_cache_val)
+        torch.testing.assert_close(fast.grid.acc, one.grid.acc, atol=1e-3, rtol=0)  # one item in 1,000 at most
+        torch.testing.assert_close(fast.grid.acc_cache_only, one.grid.acc_cache_only, atol=1e-3, rtol=0)
+        assert (fast.theta, fast.lam, fast.theta_cache_only) == (one.theta, one.lam, one.theta_cache_only)
+        torch.testing.assert_close(fast.p, one.p, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(fast.p_cache_only, one.p_cache_only, atol=1e-4, rtol=1e-4)
