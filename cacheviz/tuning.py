@@ -212,13 +212,7 @@ def predict_sets(
     outs = [[torch.empty(n, cache.n_classes) for _ in tl] for tl in thetas_lams]
     with torch.no_grad():
         for sl, i, sims in cache.iter_set_similarities(q, sets, n, chunk_size):
-            block = cache.block(sims)
-            pn = p_net[sl].to(cache.device, torch.float32)
-            p_mem_by_theta: dict[float, torch.Tensor] = {}
-            for out, (theta, lam) in zip(outs[i], thetas_lams[i]):
-                if theta not in p_mem_by_theta:
-                    p_mem_by_theta[theta] = block.p_mem(theta)
-                out[sl] = combine(pn, p_mem_by_theta[theta], lam).cpu()
+            _mix_into(outs[i], sl, cache.block(sims), p_net[sl].to(cache.device, torch.float32), thetas_lams[i])
             if progress and i == len(sets) - 1:
                 progress(sl.stop, n, "")
     return outs
@@ -244,16 +238,20 @@ def predict(
         for sl, sims in memory.iter_similarities(q, chunk_size):
             if knn is not None:
                 knn[sl] = memory.values[sims.topk(k, dim=1).indices].sum(1).argmax(1).cpu()
-            block = memory.block(sims)
-            pn = p_net[sl].to(memory.device, torch.float32)
-            p_mem_by_theta: dict[float, torch.Tensor] = {}
-            for out, (theta, lam) in zip(outs, thetas_lams):
-                if theta not in p_mem_by_theta:
-                    p_mem_by_theta[theta] = block.p_mem(theta)
-                out[sl] = combine(pn, p_mem_by_theta[theta], lam).cpu()
+            _mix_into(outs, sl, memory.block(sims), p_net[sl].to(memory.device, torch.float32), thetas_lams)
             if progress:
                 progress(sl.stop, len(q), "")
     return outs, knn
+
+
+def _mix_into(outs: list[torch.Tensor], sl: slice, block: SimilarityBlock, pn: torch.Tensor,
+              thetas_lams: Sequence[tuple[float, float]]) -> None:
+    """Write p = (1 - lam) p_net + lam p_mem(theta) of one block for each pair; p_mem once per theta."""
+    p_mem_by_theta: dict[float, torch.Tensor] = {}
+    for out, (theta, lam) in zip(outs, thetas_lams):
+        if theta not in p_mem_by_theta:
+            p_mem_by_theta[theta] = block.p_mem(theta)
+        out[sl] = combine(pn, p_mem_by_theta[theta], lam).cpu()
 
 
 def accuracy(p: torch.Tensor, labels: torch.Tensor) -> float:
