@@ -82,6 +82,7 @@ from cacheviz.features import extract, forward_layers, list_layers, make_keys
 from cacheviz.models import load_model
 from cacheviz.store import atomic_write_json
 from cacheviz.tuning import default_grid, grid_search, predict
+from cacheviz.workspace import machine_memory_bytes
 
 FORMAT = 2  # of the results files; older ones are not merged into a new run
 REPS = 5
@@ -415,7 +416,7 @@ def bench_study(which: str, data_dir: Path, spec, ds, device, quick: bool) -> di
     if cuda:
         out["machine_mem_gb"] = torch.cuda.get_device_properties(torch.device(device)).total_memory / 2**30
     else:
-        out["machine_mem_gb"] = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+        out["machine_mem_gb"] = machine_memory_bytes() / 2**30
     if which == "d":
         out["layers"] = len(runs[-1]["found"]["rows"])
         if not cuda:
@@ -669,7 +670,7 @@ def machine(device: str) -> dict:
     m = {"device": torch.cuda.get_device_name(torch.device(device)) if is_cuda(device) else "cpu",
          "torch": torch.__version__, "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
          "platform": platform.platform(),
-         "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)}
+         "memory_gb": round(machine_memory_bytes() / 2**30, 1)}
     if is_cuda(device):
         m["cuda"] = torch.version.cuda
         m["gpu_memory_gb"] = round(torch.cuda.get_device_properties(torch.device(device)).total_memory / 2**30, 1)

@@ -96,6 +96,14 @@ class SimilarityBlock:
             yield t, self._class_mass(self._buf)
 
 
+def class_groups(sorted_labels: torch.Tensor, n_classes: int, dtype: torch.dtype = torch.float32
+                 ) -> tuple[torch.Tensor, list[int]]:
+    """One-hot values (K, C) of labels sorted by class, and where each class's run starts and
+    ends (`bounds[c]:bounds[c + 1]`), so class masses are row-slice sums."""
+    counts = torch.bincount(sorted_labels.cpu(), minlength=n_classes)
+    return F.one_hot(sorted_labels, n_classes).to(dtype), [0] + torch.cumsum(counts, 0).tolist()
+
+
 class CacheMemory:
     """Keys (K, d), unit-norm rows, and integer labels (K,) as one-hot values (K, C).
 
@@ -128,9 +136,7 @@ class CacheMemory:
         self.keys = F.normalize(keys, dim=1) if normalize else keys
         self.labels = labels.to(self.device)
         self.n_classes = int(n_classes if n_classes is not None else int(labels.max()) + 1)
-        self.values = F.one_hot(self.labels, self.n_classes).to(dtype)
-        counts = torch.bincount(labels.cpu(), minlength=self.n_classes)
-        self.bounds = [0] + torch.cumsum(counts, 0).tolist()
+        self.values, self.bounds = class_groups(self.labels, self.n_classes, dtype)
 
     def block(self, sims: torch.Tensor) -> SimilarityBlock:
         return SimilarityBlock(sims, self.values, self.bounds)

@@ -164,8 +164,8 @@ def score_key_sets(
 
     grids = grid_search_sets(val_cache, q_val, data.p_val, data.y_val, sets, thetas, lams, progress=tuning_step)
     del q_val
-    same = len(val_rows) == len(test_rows) and bool((val_rows == test_rows).all())
-    test_cache = val_cache if same else LayeredCache(feats, test_rows, data.y_cache[test_rows], data.n_classes)
+    # tuning on the test half uses the test-time cache; held-out training items leave the tuning cache
+    test_cache = val_cache.regrouped(test_rows, data.y_cache[test_rows]) if data.from_train else val_cache
     outs = predict_sets(test_cache, q_test, data.p_test, sets,
                         [[(g.theta, g.lam), (g.theta_cache_only, 1.0)] for g in grids], progress=testing_step)
     p_net = data.p_test.cpu()
@@ -209,6 +209,8 @@ class Study(ABC):
 
     kind: ClassVar[str]
     stages: ClassVar[tuple[str, ...]]
+    # Bump when a change to one study alters what its results mean (RESULT_FORMAT: all studies).
+    version: ClassVar[int] = 1
 
     @property
     @abstractmethod
@@ -249,8 +251,8 @@ class Study(ABC):
         return self._key(inputs)
 
     def _key(self, inputs: list[dict]) -> dict:
-        return store.canonical_json({"kind": self.kind, "format": RESULT_FORMAT, "options": self.options(),
-                                     "inputs": inputs})
+        return store.canonical_json({"kind": self.kind, "format": RESULT_FORMAT, "version": self.version,
+                                     "options": self.options(), "inputs": inputs})
 
     def path(self, data_dir: str | Path, key: dict) -> Path:
         return Path(data_dir) / "results" / f"{self.kind}-{store.config_hash(key)}.json"

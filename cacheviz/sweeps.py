@@ -7,7 +7,6 @@ settings, so a CSV or a figure can be remade from the rows alone.
 from __future__ import annotations
 
 import itertools
-import os
 import re
 import time
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ from .features import OUTPUTS, list_layers, resolve_layers
 from .progress import Stage
 from .study import KeyScore, Run, Study, StudyGroup, rounded, score_key_sets, score_keys
 from .tuning import LAM_RANGE, THETA_RANGE, accuracy, default_grid, on_edge
-from .workspace import ExperimentData
+from .workspace import ExperimentData, machine_memory_bytes
 
 # Figure 2 fixes theta and lam to the middle of their ranges.
 MIDDLE_THETA = sum(THETA_RANGE) / 2
@@ -165,13 +164,6 @@ def cache3_candidates(spec) -> list[str]:
     return names
 
 
-def _ram_bytes() -> int:
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return 8 * 2**30
-
-
 def _groups(layers: list[str], layer_bytes: dict[str, int], budget: int) -> list[list[str]]:
     """Consecutive groups of `layers` whose features fit `budget` bytes together (one layer may not)."""
     groups: list[list[str]] = []
@@ -203,6 +195,7 @@ class Table1(Study):
     setup: Setup
     combine_top: int = COMBINE_TOP
     kind = "table1"
+    version = 2  # 2: Cache3's candidates are the whole last stage (1: the six deepest layers)
     stages = (*EXTRACT, Stage.KEY_SETS)
 
     def __post_init__(self):
@@ -214,7 +207,7 @@ class Table1(Study):
         return (self.setup,)
 
     def options(self) -> dict:
-        return {"setup": self.setup.identity(), "combine_top": int(self.combine_top), "cache3": "stage-sets-v2"}
+        return {"setup": self.setup.identity(), "combine_top": int(self.combine_top)}
 
     def compute(self, run: Run) -> list[dict]:
         ws = run.prepare(self.setup)
@@ -226,7 +219,7 @@ class Table1(Study):
         n_train, n_test = len(ws.split.cache_test_idx), len(ws.ds.test_y)
         layer_bytes = {n: ws.feature_bytes(n_train, [n], self.setup.flip) + ws.feature_bytes(n_test, [n])
                        for n in dict.fromkeys([*candidates, *ws.layers])}
-        budget = int(CANDIDATE_RAM_SHARE * _ram_bytes())
+        budget = int(CANDIDATE_RAM_SHARE * machine_memory_bytes())
 
         def scored(data: ExperimentData, sets: list[list[str]]) -> list[KeyScore]:
             nonlocal done
@@ -243,24 +236,18 @@ class Table1(Study):
 
         singles: list[KeyScore] = []
         for group in _groups(candidates, layer_bytes, budget):
-            data = ExperimentData(ws, group, run.progress)
-            singles += scored(data, [[n] for n in group])
-            del data
+            singles += scored(ExperimentData(ws, group, run.progress), [[n] for n in group])
         singles.sort(key=lambda sc: -sc.val_acc)  # stable: ties keep the shallower layer first
         top = [sc.layers[0] for sc in singles[:top_n]]
         # each set in network order: the order of concatenation changes no similarity, only the name
         sets = [sorted((top[i] for i in c), key=candidates.index) for c in combos]
         main_layers = list(ws.layers)
-        if sum(layer_bytes[n] for n in dict.fromkeys([*top, *main_layers])) <= budget:
-            data = ExperimentData(ws, list(dict.fromkeys([*top, *main_layers])), run.progress)
-            main, *pairs = scored(data, [main_layers, *sets])
-        else:
-            data = ExperimentData(ws, main_layers, run.progress)
-            (main,) = scored(data, [main_layers])
-            del data
-            data = ExperimentData(ws, top, run.progress) if sets else None
-            pairs = scored(data, sets) if sets else []
-        del data
+        both = list(dict.fromkeys([*top, *main_layers]))
+        # the default keys with the combinations in one extraction when they fit, else one after the other
+        batches = ([(both, [main_layers, *sets])] if sum(layer_bytes[n] for n in both) <= budget
+                   else [(main_layers, [main_layers]), (top, sets)])
+        main, *pairs = [sc for layers, batch in batches if batch
+                        for sc in scored(ExperimentData(ws, layers, run.progress), batch)]
         best = max([*singles, *pairs], key=lambda sc: sc.val_acc)  # first of equals: fewer layers
         common = {"model": ws.spec.name, "dataset": self.setup.dataset, "device": run.device_name}
 

@@ -10,7 +10,7 @@ from typing import Sequence
 
 import torch
 
-from .cache import SIM_BLOCK_BYTES, CacheMemory, SimilarityBlock, combine
+from .cache import SIM_BLOCK_BYTES, CacheMemory, SimilarityBlock, class_groups, combine
 from .errors import CachevizError
 from .progress import ProgressFn
 
@@ -125,7 +125,8 @@ class LayeredCache:
     class-grouped order, the order `CacheMemory` keeps its keys in.
     """
 
-    def __init__(self, feats: dict[str, torch.Tensor], rows: torch.Tensor, labels: torch.Tensor, n_classes: int):
+    def __init__(self, feats: dict[str, torch.Tensor], rows: torch.Tensor, labels: torch.Tensor, n_classes: int,
+                 sq: dict[str, torch.Tensor] | None = None):
         if len(rows) == 0:
             raise CachevizError("That cache would be empty", "use a larger cache size")
         self.feats = feats
@@ -134,10 +135,13 @@ class LayeredCache:
         perm = torch.argsort(labels, stable=True)
         self.rows, self.labels = rows[perm].to(self.device), labels[perm].to(self.device)
         self.n_classes = int(n_classes)
-        self.values = torch.nn.functional.one_hot(self.labels, self.n_classes).to(torch.float32)
-        counts = torch.bincount(self.labels.cpu(), minlength=self.n_classes)
-        self.bounds = [0] + torch.cumsum(counts, 0).tolist()
-        self.sq = {name: f.pow(2).sum(1) for name, f in feats.items()}  # |k_l|^2 of every row
+        self.values, self.bounds = class_groups(self.labels, self.n_classes)
+        # |k_l|^2 of every row of the features, whichever rows this cache holds
+        self.sq = sq if sq is not None else {name: f.pow(2).sum(1) for name, f in feats.items()}
+
+    def regrouped(self, rows: torch.Tensor, labels: torch.Tensor) -> "LayeredCache":
+        """Another cache over the same features (their norms not computed again)."""
+        return LayeredCache(self.feats, rows, labels, self.n_classes, sq=self.sq)
 
     def __len__(self) -> int:
         return len(self.rows)

@@ -7,6 +7,7 @@ writes into device tensors and keys, similarities and the grid never leave the d
 """
 from __future__ import annotations
 
+import os
 import re
 import time
 from dataclasses import dataclass
@@ -31,6 +32,14 @@ WRITE_BYTES_PER_S = 1e9
 DEVICE_FEATURE_SHARE = 0.5
 # Larger batches buy no speed and can exhaust memory (a whole dataset's activations at once).
 MAX_BATCH = 4096
+
+
+def machine_memory_bytes() -> int:
+    """This machine's physical memory (8 GiB assumed where the OS does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 8 * 2**30
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:

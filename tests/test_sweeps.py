@@ -102,6 +102,16 @@ def test_cache3_searches_the_whole_last_stage():
     assert _groups(r56, sizes, 5) == [[n] for n in r56]  # a layer larger than the budget goes alone
 
 
+def test_table1_in_one_layer_at_a_time_gives_the_same_rows(data_dir, monkeypatch):
+    """A memory budget that holds one layer: every candidate extracted alone, then the default
+    keys and the combinations in two batches; the same rows as with everything at once."""
+    import cacheviz.sweeps as sw
+
+    at_once = Table1(Setup(), combine_top=3).run(data_dir)
+    monkeypatch.setattr(sw, "CANDIDATE_RAM_SHARE", 1e-12)
+    assert Table1(Setup(), combine_top=3).run(data_dir, force=True) == at_once
+
+
 def test_table1_group_stores_each_model_on_its_own(data_dir):
     group = table1_group([Setup()])
     assert isinstance(group, StudyGroup) and group.stages == Table1.stages
