@@ -1,6 +1,7 @@
 """A classroom in a box: one real `streamlit run app.py` server and N headless-Chromium sessions.
 
     python benchmarks/load.py --n 30 [--update-readme]
+    python benchmarks/load.py --redraw-cost
 
 Every session opens the home page on the offline preset; all click *Build cache* within one
 second of each other, wait for the results, open *Neighbours*, upload an image, wait for its
@@ -432,6 +433,54 @@ def table(res: dict) -> str:
     ])
 
 
+def _browser_cpu_s() -> float:
+    return sum(sec for kind, sec in cpu_by_process(os.getpid(), set()).values() if kind == "browsers")
+
+
+async def _redraw_probe(url: str, window_s: float) -> dict:
+    from playwright.async_api import async_playwright
+
+    async with async_playwright() as p:
+        browser = await p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            ctx = await browser.new_context(viewport={"width": 1280, "height": 1600}, reduced_motion="reduce")
+            page = await ctx.new_page()
+            frames = []
+            page.on("websocket", lambda ws: ws.on("framereceived", lambda f: frames.append(time.perf_counter())))
+            await page.goto(url)
+            build = page.get_by_role("button", name="Build cache")
+            await build.wait_for()
+            await asyncio.sleep(2)  # the first render settles
+            c0, t0 = _browser_cpu_s(), time.perf_counter()
+            await asyncio.sleep(window_s)
+            idle = (_browser_cpu_s() - c0) / (time.perf_counter() - t0)
+            await build.click()
+            await asyncio.sleep(1.5)  # the click's own rerun is not a progress redraw
+            c0, t0 = _browser_cpu_s(), time.perf_counter()
+            await asyncio.sleep(window_s)
+            busy_s, t1 = _browser_cpu_s() - c0, time.perf_counter()
+            redraws = sum(t0 <= t <= t1 for t in frames)
+        finally:
+            await browser.close()
+    watching = busy_s / (t1 - t0)
+    return {"idle_cores": idle, "watching_cores": watching, "redraws": redraws, "window_s": t1 - t0,
+            "cpu_per_redraw_s": (watching - idle) * (t1 - t0) / redraws if redraws else None}
+
+
+def redraw_cost(window_s: float = 5.0) -> dict:
+    """What one watching browser spends on the build's progress: headless Chromium's CPU (its
+    processes, from /proc) on the idle home page, then while it watches a build (the digits
+    CNN's first-use training), and per websocket message received in that window."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        port = free_port()
+        proc = start_server(tmp / "data", port, tmp / "streamlit.log")
+        try:
+            return asyncio.run(_redraw_probe(f"http://127.0.0.1:{port}/", window_s))
+        finally:
+            stop_server(proc)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=30)
@@ -442,7 +491,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=2, help="alone + crowd pairs; the best of each is compared")
     ap.add_argument("--share-cores", action="store_true",
                     help="leave the browsers on the server's cores at full share (no CPU cgroup)")
+    ap.add_argument("--redraw-cost", action="store_true",
+                    help="instead: one browser's CPU on the idle page and while it watches a build, per redraw")
     args = ap.parse_args(argv)
+    if args.redraw_cost:
+        r = redraw_cost()
+        print(f"one headless Chromium: {r['idle_cores']:.3f} cores on the idle page, {r['watching_cores']:.3f} while "
+              f"watching a build ({r['redraws']} progress messages in {r['window_s']:.1f} s): "
+              + (f"{1000 * r['cpu_per_redraw_s']:.0f} ms of CPU per message" if r["cpu_per_redraw_s"] else "no messages"))
+        return 0
     res = measure(args.n, args.timeout, args.server_arg, args.workers, confine=not args.share_cores,
                   repeats=args.repeats)
     out = REPO / "benchmarks" / "results" / f"load-{args.n}{'-shared-cores' if args.share_cores else ''}.json"

@@ -101,16 +101,16 @@ def follow(job: Job, stages: tuple[str, ...]) -> None:
     """Draw the job's stages and progress until it ends, in this script run.
 
     One loop per watching session that sleeps on the job's own event, rather than a fragment
-    rerun every second per session: thirty sessions watching one build cost the server thirty
-    small redraws a second instead of thirty script runs, and each session goes on to its
-    result the moment the job ends. Any click or page switch interrupts the loop (Streamlit stops
-    a run at its next command); the job goes on.
+    rerun every second per session: watching costs small redraws instead of script runs, and
+    each session goes on to its result the moment the job ends. Any click or page switch
+    interrupts the loop (Streamlit stops a run at its next command); the job goes on.
 
-    What a redraw costs is mostly the browser's (a re-render of the page, about 80 ms of a core
-    measured in headless Chromium), so a tick sends only the bar; the stage list is sent again
-    only when it changes. The redraws of all sessions together are bounded: with more than
-    `REDRAWS_PER_S` watchers each redraws less often (thirty watchers: every 7.5 s), so a class
-    does not take the CPU from the build it watches. The end of the job wakes every watcher."""
+    A redraw costs each watching browser a re-render of the page (82-86 ms of CPU in headless
+    Chromium: `python benchmarks/load.py --redraw-cost`), so a tick sends only the bar; the
+    stage list is sent again only when it changes. The redraws of all sessions together are
+    bounded: with more than `REDRAWS_PER_S` watchers each redraws less often (thirty watchers:
+    every 7.5 s), so a class does not take the CPU from the build it watches. The end of the
+    job wakes every watcher."""
     box = st.empty()
     job.watch(+1)
     try:
