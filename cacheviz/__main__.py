@@ -3,6 +3,7 @@
     python -m cacheviz layers --model resnet20 [--json]
     python -m cacheviz evaluate --dataset cifar10 --model resnet20 [--layers layer3.0] [--json OUT]
     python -m cacheviz sweep-layers | sweep-size | table1 ... [--out X.json|X.csv]
+    python -m cacheviz attack --attack fgsm --against network [--n 250] [--epsilons ...] [--source-model M2] ...
 
 Bad input ends with one sentence naming the fix (with this command line's flags) and exit
 status 2, never a traceback.
@@ -28,7 +29,8 @@ FLAGS = {
     "val_flips": "--protocol paper",
     "project_dim": "--project-dim", "batch_size": "--batch-size", "seed": "--seed", "fractions": "--fractions",
     "seeds": "--seeds", "combine_top": "--combine-top", "out": "--out", "json": "--json", "theta": "theta",
-    "lam": "lam", "data_dir": "--data-dir",
+    "lam": "lam", "data_dir": "--data-dir", "attack": "--attack", "against": "--against", "n": "--n",
+    "epsilons": "--epsilons", "source_model": "--source-model",
 }
 
 TABLE_ROWS = [
@@ -179,6 +181,20 @@ def build_parser() -> argparse.ArgumentParser:
                     help="Cache3 scores every layer of the last stage alone, then every pair and triple of the N best "
                          f"(default {COMBINE_TOP}: every set of up to 3 of ResNet20's six stage-3 layers)")
     tp.add_argument("--out", metavar="OUT", help=out_help)
+
+    from .attacks import ATTACKS, MODELS
+
+    ap = sub.add_parser("attack", parents=[exp], help="Tables 2-4 and strength curves: attacks and corruptions")
+    ap.add_argument("--layers", help="comma-separated key layers (default: the model's own defaults)")
+    ap.add_argument("--project-dim", type=_positive, help="random-project layers wider than D to D dimensions")
+    ap.add_argument("--attack", required=True, help=f"one of {', '.join(ATTACKS)}")
+    ap.add_argument("--against", default="network", help=f"the model attacked: {', '.join(MODELS)} (default network)")
+    ap.add_argument("--n", type=_positive, default=250, help="test images attacked (default 250, the paper's)")
+    ap.add_argument("--epsilons", help="a strength curve at these strengths (epsilons in the normalised input "
+                                       "space, blur sigmas, or brightness/contrast/gamma factors); without it, "
+                                       "the minimal perturbation per image")
+    ap.add_argument("--source-model", help="Table 4: make the adversarials against this network, show them to --model's")
+    ap.add_argument("--out", metavar="OUT", help=out_help)
     return p
 
 
@@ -328,6 +344,22 @@ def cmd_table1(args) -> int:
     return _run_rows(study, args, ["model", "dataset", "variant", "error", "theta", "lam", "layers"])
 
 
+def cmd_attack(args) -> int:
+    from .robustness import attack_study
+
+    setup = _setup(args, project_dim=args.project_dim)
+    epsilons = _numbers(args.epsilons, "epsilons") if args.epsilons is not None else None
+    if epsilons is not None and not epsilons:
+        raise CachevizError("no strengths given", "e.g. --epsilons 0,0.01,0.05,0.1", param="epsilons", value=args.epsilons)
+    source = None
+    if args.source_model:
+        source = setup.replace(model=_model_name(args.source_model), layers=(), checkpoint=None)
+    study = attack_study(setup, args.attack, args.against, args.n, args.seed, epsilons, source)
+    cols = (["model", "epsilon", "accuracy", "sem", "n"] if epsilons is not None else
+            ["model", "accuracy", "clean_accuracy", "success_rate", "rho_adv", "strength", "n_failed", "theta", "lam"])
+    return _run_rows(study, args, ["attack", "against", *cols])
+
+
 def edge_note(r: dict) -> str | None:
     """A sentence when a tuned theta is the grid's first or last value."""
     which = [name for name, flag in (("theta", "theta_on_edge"), ("the cache-only theta", "theta_cache_only_on_edge"))
@@ -373,7 +405,7 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     commands = {"layers": cmd_layers, "models": cmd_models, "evaluate": cmd_evaluate,
-                "sweep-layers": cmd_sweep_layers, "sweep-size": cmd_sweep_size, "table1": cmd_table1}
+                "sweep-layers": cmd_sweep_layers, "sweep-size": cmd_sweep_size, "table1": cmd_table1, "attack": cmd_attack}
     shown = warnings.showwarning
     warnings.showwarning = _show_warning  # a damaged stored file: one line, not a source listing
     try:

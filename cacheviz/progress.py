@@ -24,6 +24,10 @@ class Stage:
     LAYERS = "layers"
     SIZES = "cache sizes"
     KEY_SETS = "key sets"
+    CACHE_MODEL = "the cache model (theta, lam)"
+    SOURCE = "the source network"
+    ATTACK = "attack"
+    SHOW = "show the images to every model"
     WAITING = "waiting for the same work started elsewhere"
 
 
