@@ -40,7 +40,17 @@ in this process with the CUDA context warm, after one untimed warm-up run of the
 then `torch.cuda.max_memory_allocated`. A benchmark that fails is reported and the others still
 run; results are written after each benchmark (--results DIR puts them elsewhere).
 
-(c), (d), (e) need the shared CIFAR-10 and ResNet20 checkpoint (../shared, or --shared DIR);
+(h) the robustness lab's Table 2 for ResNet20 (default keys and setup; theta, lam from its stored
+    `Evaluate`, computed first, untimed), 250 test images (50 with --quick): the FGSM and the I-FGSM
+    rows (minimal-perturbation search against the network, then the adversarials shown to the
+    network, cache and cache-only models; 3 runs each, alternating) against a lower bound measured
+    in the same run: the same number of plain batched network passes the search made (its input
+    gradients as forward+backward passes, its label checks as forward passes) plus showing the
+    clean and adversarial images to the three models (one network pass and one similarity
+    product for them all). Goal <= 1.5x. Then the whole Table 2 (FGSM, I-FGSM, single pixel,
+    blur) once, goal <= 15 min on the CPU and <= 1 min on one GPU.
+
+(c), (d), (e), (h) need the shared CIFAR-10 and ResNet20 checkpoint (../shared, or --shared DIR);
 without them, (a), (b) and (f) run on random images with a randomly initialised ResNet20, which
 costs the same. The data directory is a fresh temporary one (or --data-dir, reused) holding a
 link to the shared CIFAR-10 and a copy of the checkpoint; the dataset is decoded into it once,
@@ -89,7 +99,7 @@ REPS = 5
 BATCH = 256  # the engine's default batch size
 CKPT = "resnet20-12fca82f.th"
 MARKER = ".cacheviz-benchmark"  # marks a data directory this script made (it deletes features/ there)
-LETTERS = "abcdefg"
+LETTERS = "abcdefgh"
 # --quick: tiny caches and test sets for (c), (d), (e)
 QUICK_LIMITS = {"train_limit": 2000, "test_limit": 1000}
 SWEEP_DIM = 1024  # (d): the CLI's default --project-dim for sweep-layers
@@ -509,6 +519,60 @@ def bench_key_sets(data_dir: Path, device, real: bool, quick: bool) -> dict:
             **compare(t["at_once"], t["one_at_a_time"], 1.0)}
 
 
+H_GOAL = 1.5
+H_TABLE2_GOAL_S = {"cpu": 15 * 60, "cuda": 60}
+
+
+def bench_attacks(data_dir: Path, device, quick: bool) -> dict:
+    from cacheviz import attacks as A
+    from cacheviz.progress import Silent
+    from cacheviz.robustness import attack_sample, load_victims
+    from cacheviz.study import Run
+
+    setup = Setup(dataset="cifar10", model="resnet20", **(QUICK_LIMITS if quick else {}))
+    n = 50 if quick else 250
+    run = Run(data_dir, device, BATCH, Silent())
+    ws, v, _ = load_victims(setup, run)
+    idx = attack_sample(ws.split.test_idx, n, 0)
+    x = ws.spec.preprocess(ws.ds.test_x[idx].to(v.device))
+    batch = 128  # the study's attack batch
+    model = v.log_probs("network")
+    out: dict = {"model": ws.spec.name, "layers": v.layers, "n": n, "n_cache": len(v.memory),
+                 "key_dim": v.memory.dim}
+
+    def row(attack: str) -> dict:
+        res = A.minimal(v, "network", attack, x, batch=batch)
+        adv = res.x_adv.to(v.device)
+        v.predict_all(x)
+        v.predict_all(adv)
+        return {"evaluations": res.evaluations, "gradients": res.gradients, "success": int(res.success.sum())}
+
+    for attack in ("fgsm", "ifgsm"):
+        counts = row(attack)  # the warm-up run also gives the pass counts of the bound
+        labels = v.predict("network", x, batch)
+        reps = -(-batch // n)
+        pool_x, pool_y = x.repeat(reps, 1, 1, 1)[:batch], labels.repeat(reps)[:batch]  # one full batch
+
+        def bound():
+            for k in range(0, counts["gradients"], batch):
+                m = min(batch, counts["gradients"] - k)
+                A.input_gradient(model, pool_x[:m], pool_y[:m])
+            with torch.no_grad():
+                for k in range(0, counts["evaluations"], batch):
+                    v.probs("network", pool_x[:min(batch, counts["evaluations"] - k)])
+            v.predict_all(x)
+            v.predict_all(x)
+
+        t = alternate({"search": lambda: row(attack), "bound": bound}, device, reps=3, warmup=False)
+        out[attack] = {**counts, **compare(t["search"], t["bound"], H_GOAL)}
+    whole = {}
+    for attack in ("fgsm", "ifgsm", "pixel", "blur"):
+        whole[attack] = clock(lambda: row(attack), device)
+    out["table2_s"] = whole
+    out["table2_goal_s"] = H_TABLE2_GOAL_S["cuda" if is_cuda(device) else "cpu"]
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # The README table
 
@@ -611,6 +675,19 @@ def table(res: dict) -> str:
                     f"{g['n_cache']} cache, {g['n_val']} val + {g['n_test']} test queries, all at once "
                     f"(`score_key_sets`) | {spread(g['time'])} | one set at a time (`score_keys`): "
                     f"{fmt_s(g['limit']['median'])} | {speedup_cell(g)} | < 1x |")
+    h = res.get("h")
+    if h:
+        for attack, label in (("fgsm", "FGSM"), ("ifgsm", "I-FGSM")):
+            r = h[attack]
+            rows.append(f"| (h) Table 2's {label} row, {h['model']}, {h['n']} images: minimal search against the network "
+                        f"({r['gradients']:,} input gradients, {r['evaluations']:,} label checks), shown to the three "
+                        f"models ({h['n_cache']:,} keys x {h['key_dim']:,}-d) | {spread(r['time'])} | the same network "
+                        f"passes, plain and batched, + one show pass: {fmt_s(r['limit']['median'])} | {ratio_cell(r)} "
+                        f"| <= {r['goal']}x |")
+        tot = sum(h["table2_s"].values())
+        parts = ", ".join(f"{k} {fmt_s(t)}" for k, t in h["table2_s"].items())
+        rows.append(f"| (h) the whole Table 2 (four attacks x three models), {h['n']} images, once | {fmt_s(tot)} "
+                    f"({parts}) | goal {fmt_s(h['table2_goal_s'])} | {tot / h['table2_goal_s']:.2f} | <= 1 |")
     e = res.get("e")
     if e:
         rows.append("")
@@ -682,7 +759,7 @@ def main() -> int:
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the engine runs (default cpu)")
     ap.add_argument("--quick", action="store_true",
                     help="smoke run: 5 runs of tiny sizes; writes results/quick*.json, never the README")
-    ap.add_argument("--only", help="which benchmarks to run, e.g. ab (default abcdefg; on cuda abcdfg)")
+    ap.add_argument("--only", help="which benchmarks to run, e.g. ab (default abcdefgh; on cuda abcdfgh)")
     ap.add_argument("--update-readme", action="store_true", help="rewrite the table between the README's bench markers")
     ap.add_argument("--table-only", action="store_true", help="rebuild the table from results/latest*.json")
     ap.add_argument("--shared", help="folder with data/cifar10 and weights/ (default ../shared)")
@@ -711,7 +788,7 @@ def main() -> int:
         print(f"benchmarks/run.py: --device cuda needs a GPU that torch {torch.__version__} can use, and this "
               "machine has none; run without --device here, or on a machine with an NVIDIA GPU.", file=sys.stderr)
         return 2
-    only = args.only if args.only is not None else ("abcdfg" if args.device == "cuda" else LETTERS)
+    only = args.only if args.only is not None else ("abcdfgh" if args.device == "cuda" else LETTERS)
     if not only or set(only) - set(LETTERS):
         print(f"benchmarks/run.py: --only takes letters from {LETTERS}, e.g. --only ab; got {only!r}.", file=sys.stderr)
         return 2
@@ -790,6 +867,8 @@ def main() -> int:
             bench("f", lambda: bench_block(spec, *block_inputs(), block_rows(50000), device, real))
         if "g" in only:
             bench("g", lambda: bench_key_sets(data_dir, device, real, quick))
+        if "h" in only and real:
+            bench("h", lambda: bench_attacks(data_dir, device, quick))
     save()
     res = load_results(name) if (RESULTS / name).exists() else res
     md = res.get("table") or table(res)

@@ -6,6 +6,7 @@ layers: `input` (the preprocessed image, depth 0) and `logits` (the output, dept
 from __future__ import annotations
 
 import difflib
+import threading
 import weakref
 import zlib
 from dataclasses import dataclass
@@ -69,6 +70,21 @@ def _ordered(spec, layers: Sequence[str]) -> list[str]:
 OUTPUTS = ("logits", "probs")
 
 
+# Hooks live on the module, so two threads running one net at once (two sessions of the app
+# querying the same shared model) would fill each other's taps, or stop each other's pass:
+# one lock per net makes a tapped forward pass exclusive.
+_NET_LOCKS: "weakref.WeakKeyDictionary[torch.nn.Module, threading.RLock]" = weakref.WeakKeyDictionary()
+_NET_LOCKS_GUARD = threading.Lock()
+
+
+def _net_lock(net: torch.nn.Module) -> threading.RLock:
+    with _NET_LOCKS_GUARD:
+        lock = _NET_LOCKS.get(net)
+        if lock is None:
+            lock = _NET_LOCKS[net] = threading.RLock()
+        return lock
+
+
 class _Taps:
     """Forward hooks that collect the outputs of named modules during one forward pass."""
 
@@ -114,7 +130,7 @@ def forward_layers(spec, x: torch.Tensor, layers: Sequence[str]) -> dict[str, to
     if "input" in wanted:
         out["input"] = x
     if taps_needed or need_logits:
-        with _Taps(spec.net, taps_needed, stop_after) as taps:
+        with _net_lock(spec.net), _Taps(spec.net, taps_needed, stop_after) as taps:
             try:
                 logits = spec.net(x)
             except _StopForward:

@@ -400,3 +400,115 @@ def fig_to_png(fig: go.Figure, width: int | None = None, height: int | None = No
     if not data.startswith(b"\x89PNG"):
         raise CachevizError("The PNG renderer returned something that is not a PNG; the CSV download still has the numbers.")
     return data
+
+
+# ---------------------------------------------------------------------------------------------
+# The robustness lab (Tables 2-4 and the strength curves), from the rows of `cacheviz.robustness`
+
+ROBUST_MODELS = ("network", "cache", "cache-only")
+ROBUST_COLORS = {"network": COLORS["p_net"], "cache": COLORS["p"], "cache-only": COLORS["p_mem"]}
+# What the strength of each attack is, for axis titles and tables.
+STRENGTH_LABELS = {
+    "fgsm": "ε (L∞, normalised input space)",
+    "ifgsm": "ε (L∞, normalised input space)",
+    "l2": "ε (L2 norm, normalised input space)",
+    "blur": "σ of the Gaussian blur (pixels)",
+    "brightness": "brightness factor (1 = unchanged)",
+    "contrast": "contrast factor (1 = unchanged)",
+    "gamma": "gamma (1 = unchanged)",
+    "pixel": "the flipped pixel",
+    "hopskipjump": "L2 distance (normalised input space)",
+}
+
+
+def strength_label(attack: str) -> str:
+    return STRENGTH_LABELS.get(str(attack), "strength")
+
+
+def _rgba(hex_color: str, alpha: float) -> str:
+    h = hex_color.lstrip("#")
+    r, g, b = (int(h[i : i + 2], 16) for i in (0, 2, 4))
+    return f"rgba({r},{g},{b},{alpha})"
+
+
+def fig_attack(rows, height: int = 380) -> go.Figure:
+    """Tables 2-4 as bars: each model's accuracy (%) on the adversarials beside its clean
+    accuracy; the attacked model is marked, the success rate and mean rho_adv are in the title."""
+    rows = [r for r in rows if r.get("model") in ROBUST_MODELS]
+    if not rows:
+        return go.Figure()
+    first = rows[0]
+    against, source = first.get("against"), first.get("source_model")
+    transfer = source and source != first.get("net")
+    labels = [r["model"] + (" (attacked)" if r["model"] == against and not transfer else "") for r in rows]
+    fig = go.Figure()
+    for name, key, colors in (("clean images", "clean_accuracy", ["#c7c7c7"] * len(rows)),
+                              ("adversarial images", "accuracy", [ROBUST_COLORS[r["model"]] for r in rows])):
+        ys = [100 * float(r[key]) for r in rows]
+        fig.add_trace(go.Bar(
+            x=labels, y=ys, name=name, marker_color=colors, text=[f"{v:.1f}" for v in ys], textposition="outside",
+            hovertemplate=f"<b>%{{x}}</b><br>{name}: accuracy %{{y:.2f}}%<extra></extra>",
+        ))
+    n, failed = int(first.get("n") or 0), int(first.get("n_failed") or 0)
+    rho = first.get("rho_adv")
+    rho_text = f"mean ρ_adv {rho:.3g} over {n - failed} successes" if rho is not None else "no adversarial found"
+    who = f"the {source} network (transfer)" if transfer else f"the {against}"
+    fig.update_layout(
+        barmode="group", bargap=0.3,
+        title=f"{first.get('attack')} against {who}: success {100 * float(first.get('success_rate') or 0):.0f}% · "
+              f"{rho_text} · {failed} of {n} failed",
+        yaxis=dict(title="accuracy (%)", range=[0, 110]), xaxis=dict(type="category"),
+        height=height, margin=dict(l=10, r=10, t=50, b=10),
+        legend=dict(orientation="h", yanchor="bottom", y=1.0, xanchor="right", x=1.0),
+    )
+    return fig
+
+
+def fig_robustness_curve(rows, height: int = 420) -> go.Figure:
+    """Accuracy (%) against the strength, one line per model with a band of ±1 s.e.m. over the
+    images; a linear strength axis (0 and the factors below 1 stay on it)."""
+    fig = go.Figure()
+    attack = rows[0].get("attack") if rows else ""
+    for m in ROBUST_MODELS:
+        rs = sorted((r for r in rows if r.get("model") == m), key=lambda r: float(r["epsilon"]))
+        if not rs:
+            continue
+        x = [float(r["epsilon"]) for r in rs]
+        y = [100 * float(r["accuracy"]) for r in rs]
+        e = [100 * float(r.get("sem") or 0.0) for r in rs]
+        color = ROBUST_COLORS[m]
+        fig.add_trace(go.Scatter(
+            x=x + x[::-1], y=[min(100.0, a + b) for a, b in zip(y, e)] + [max(0.0, a - b) for a, b in zip(y, e)][::-1],
+            mode="lines", fill="toself", fillcolor=_rgba(color, 0.18), line=dict(width=0), hoverinfo="skip", showlegend=False,
+            legendgroup=m, name=f"{m} ± s.e.m.",
+        ))
+        fig.add_trace(go.Scatter(
+            x=x, y=y, mode="lines+markers", name=m, legendgroup=m, line=dict(color=color, width=2),
+            marker=dict(color=color, size=7), customdata=e,
+            hovertemplate=f"<b>{m}</b><br>strength %{{x:g}}<br>accuracy %{{y:.2f}} ± %{{customdata:.2f}}%<extra></extra>",
+        ))
+    against = rows[0].get("against") if rows else None
+    n = rows[0].get("n") if rows else 0
+    fig.update_layout(
+        title=f"{attack}{f' against the {against}' if against else ''}: accuracy (mean ± s.e.m. over {n} images)",
+        xaxis=dict(title=strength_label(attack), zeroline=False),
+        yaxis=dict(title="accuracy (%)", range=[0, 105]),
+        height=height, margin=dict(l=10, r=10, t=50, b=10),
+        legend=dict(orientation="h", yanchor="bottom", y=1.0, xanchor="right", x=1.0),
+        hovermode="closest",
+    )
+    return fig
+
+
+def fig_attack_strengths(strength, success, attack: str, height: int = 260) -> go.Figure:
+    """The distribution of the per-image minimal strengths (successes only)."""
+    s = np.asarray(strength, dtype=float)
+    ok = np.asarray(success, dtype=bool) & np.isfinite(s)
+    fig = go.Figure(go.Histogram(x=s[ok], nbinsx=30, marker_color=COLORS["p_mem"],
+                                 hovertemplate="%{x}<br>%{y} images<extra></extra>"))
+    fig.update_layout(
+        title=f"Minimal strength per image ({int(ok.sum())} successes, {int((~ok).sum())} failures left out)",
+        xaxis_title=strength_label(attack), yaxis_title="images", height=height, bargap=0.05,
+        margin=dict(l=10, r=10, t=40, b=10),
+    )
+    return fig

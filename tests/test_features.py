@@ -118,3 +118,35 @@ def test_probs_are_the_softmax_of_the_logits_and_never_projected(resnet20_random
     torch.testing.assert_close(only["probs"].sum(1), torch.ones(4))
     feats = extract(resnet20_random, _images(6), ["layer3.0", "probs"], project_dim=8)
     assert feats["layer3.0"].shape == (6, 8) and feats["probs"].shape == (6, 10)
+
+
+def test_tapped_forward_passes_of_one_net_from_two_threads_do_not_mix(digits_spec):
+    """Two sessions of the app query one shared net: their taps must not collect each other's
+    activations (hooks live on the module) nor stop each other's pass."""
+    import threading
+
+    from cacheviz.features import forward_layers
+
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(2048, 1, 8, 8, generator=g) for _ in range(2)]
+    asks = [["relu2", "relu3", "logits"], ["relu2"]]  # the second stops its pass after relu2
+    want = [forward_layers(digits_spec, x, ask) for x, ask in zip(xs, asks)]
+    errors = []
+
+    def work(i):
+        for _ in range(10):
+            try:
+                got = forward_layers(digits_spec, xs[i], asks[i])
+            except Exception as exc:  # noqa: BLE001 - the other pass's stop signal, say
+                errors.append((i, type(exc).__name__))
+                continue
+            for name in asks[i]:
+                if got.get(name) is None or not torch.equal(got[name], want[i][name]):
+                    errors.append((i, name))
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors

@@ -91,3 +91,26 @@ def test_key_sets_at_once_on_cuda_give_the_cpus_numbers(data_dir):
     for cpu, gpu in zip(scores["cpu"], scores["cuda"]):  # at most one item apart
         assert abs(cpu.val_acc - gpu.val_acc) <= 1 / n_val + 1e-9
         assert abs(cpu.acc - gpu.acc) <= 1 / len(cpu.y) + 1e-9
+
+
+def test_attacks_on_cuda_give_the_cpus_answers(data_dir):
+    """The robustness lab on the GPU: the cache's keys on the device, the same searches' results."""
+    from cacheviz import attacks as A
+    from cacheviz.progress import Silent
+    from cacheviz.robustness import attack_sample, load_victims
+    from cacheviz.study import Run
+
+    out = {}
+    for dev in ("cpu", "cuda"):
+        ws, v, _ = load_victims(Setup(), Run(data_dir, dev, 256, Silent()))
+        if dev == "cuda":
+            assert v.memory.keys.is_cuda
+        x = ws.spec.preprocess(ws.ds.test_x[attack_sample(ws.split.test_idx, 40, 0)])
+        out[dev] = {(a, t): A.minimal(v, t, a, x) for a in ("fgsm", "blur", "pixel") for t in ("network", "cache")}
+    for k, cpu in out["cpu"].items():
+        gpu = out["cuda"][k]
+        agree = float((cpu.success == gpu.success).float().mean())
+        assert agree >= 0.95, k
+        both = cpu.success & gpu.success
+        close = torch.isclose(cpu.strength[both], gpu.strength[both], rtol=0.02)
+        assert float(close.float().mean()) >= 0.9, k

@@ -7,6 +7,7 @@
     studies    the studies the pages ask for, built from the sidebar's choice
     tables     rows as tables, CSV and PNG downloads
     nav        page config, navigation, the entry-script guard
+    robustness the robustness lab's studies and tables, and the "Why it resists" view's models
 
 Pages read widgets, build a study, look it up or run it through `panels`, and draw; they use
 the names re-exported here.
@@ -18,6 +19,11 @@ from .jobs import Job, JobBoard
 from .messages import WIDGETS, markdown_text, message, upload_name
 from .nav import ensure_entrypoint, entrypoint_started, page_config, pages
 from .panels import build_panel, experiment_page, guard, index_job, load_index, show_problem, study_panel
+from .robustness import (ATTACK_NAMES, CORRUPTIONS, CURVE_ATTACKS, MAX_EPSILON, MAX_SEED, MINIMAL_ATTACKS,
+                         MODEL_NAMES, NEIGHBOURS, PAPER_N, RESIST_ATTACKS, ROBUST_MODELS, ROBUST_MODES, attack_cli,
+                         attack_strengths, attack_table, attack_verdict, curve_table, eps_in_pixels, parse_strengths,
+                         pixel_scale, resist_lab, resist_verdict, robust_exports, robustness_study, strengths_text,
+                         test_part_size, transfer_sources)
 from .resources import decode, image_key, picks, query, result_tag, thumbnails, workspace
 from .state import (CIFAR, CUSTOM, DATASETS, K_DATASET, K_DEVICE, K_FLIP, K_FRACTION, K_LAYERS, K_MODEL,
                     K_PRESET, K_PROTOCOL, MODELS, OFFLINE, PAPER, PRESETS, PROTOCOLS, Choice, apply_preset, current, key_bytes, model_info,
@@ -48,4 +54,8 @@ __all__ = [
     "SWEEP_DIMS", "cli_flags", "compare_defaults", "layer_sweep", "missing_data_note", "size_sweep",
     "sweep_feature_bytes", "sweep_lock", "table1_sweep", "export_buttons", "layer_table", "parse_numbers", "pct",
     "size_summary_table", "size_table", "table1_wide",
+    "ATTACK_NAMES", "CORRUPTIONS", "CURVE_ATTACKS", "MAX_EPSILON", "MAX_SEED", "MINIMAL_ATTACKS", "MODEL_NAMES",
+    "NEIGHBOURS", "PAPER_N", "RESIST_ATTACKS", "ROBUST_MODELS", "ROBUST_MODES", "attack_cli", "attack_strengths",
+    "attack_table", "attack_verdict", "curve_table", "eps_in_pixels", "parse_strengths", "pixel_scale", "resist_lab",
+    "resist_verdict", "robust_exports", "robustness_study", "strengths_text", "test_part_size", "transfer_sources",
 ]

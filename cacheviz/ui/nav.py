@@ -38,7 +38,7 @@ def ensure_entrypoint(app_path: str | Path) -> None:
 
 
 def pages(root: str | Path) -> dict[str, list]:
-    """The app's pages, grouped: the interactive explorer and the paper's experiments."""
+    """The app's pages, grouped: the interactive explorer, the paper's experiments and its robustness results."""
     pg = Path(root) / "pages"
     return {
         "Explore": [
@@ -49,5 +49,9 @@ def pages(root: str | Path) -> dict[str, list]:
             st.Page(pg / "layers.py", title="Which layer (Fig. 2)", icon=":material/stacked_line_chart:"),
             st.Page(pg / "sizes.py", title="Cache size (Fig. 3)", icon=":material/trending_up:"),
             st.Page(pg / "table1.py", title="Table 1", icon=":material/table_chart:"),
+        ],
+        "Robustness": [
+            st.Page(pg / "robustness.py", title="Robustness lab (Tables 2–4)", icon=":material/shield:"),
+            st.Page(pg / "resists.py", title="Why it resists", icon=":material/psychology:"),
         ],
     }
