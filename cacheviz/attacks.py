@@ -67,6 +67,22 @@ DEFAULT_SIGMAS = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0)
 DEFAULT_FACTORS = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0)
 
 
+def _foolbox():
+    """Foolbox 3, or one sentence naming the fix."""
+    try:
+        import foolbox
+    except ImportError:
+        raise CachevizError("this attack needs Foolbox 3, which is not installed",
+                            "pip install -r requirements.txt (or pip install 'foolbox>=3.3,<4')") from None
+    return foolbox
+
+
+def _fp32():
+    """Full float32 convolutions on a GPU (no TF32), as the feature extraction uses: an attack's
+    gradient signs and flip points then agree with the CPU's."""
+    return torch.backends.cudnn.flags(enabled=True, allow_tf32=False)
+
+
 def check_attack(attack: str, curve: bool) -> str:
     name = str(attack).strip().lower()
     allowed = CURVE_ATTACKS if curve else MINIMAL_ATTACKS
@@ -336,6 +352,18 @@ def _grid(attack: str, h: int, w: int) -> list[float]:
     return [MAX_EPSILON / GRID_RATIO ** i for i in range(EPS_GRID_STEPS - 1, -1, -1)]
 
 
+def _in_fp32(fn):
+    import functools
+
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        with _fp32():
+            return fn(*args, **kwargs)
+
+    return wrapped
+
+
+@_in_fp32
 def minimal(victims: Victims, against: str, attack: str, x: torch.Tensor, batch: int = 128,
             seed: int = 0, progress: ProgressFn | None = None, hsj: dict | None = None) -> MinimalResult:
     """The smallest perturbation of `attack` that flips `against`'s own label, per image of `x`
@@ -478,7 +506,7 @@ class _Counting(nn.Module):
 def foolbox_model(victims: Victims, which: str):
     """`which` as a Foolbox PyTorchModel over the normalised input (scalar bounds holding every
     channel's range; the model itself clamps each channel)."""
-    import foolbox as fb
+    fb = _foolbox()
 
     return fb.PyTorchModel(victims.log_probs(which).eval(), bounds=victims.bounds, device=victims.device)
 
@@ -489,7 +517,7 @@ def _hopskipjump(victims: Victims, against: str, x: torch.Tensor, labels: torch.
     """Foolbox's HopSkipJump (L2), a bounded budget: needs only the attacked model's labels.
     It runs on pixels in [0, 1] (Foolbox 3.3's HopSkipJump clips its proposals to [0, 1]
     whatever the model's bounds); its result is taken back to the normalised space."""
-    import foolbox as fb
+    fb = _foolbox()
 
     torch.manual_seed(seed)
     counting = _Counting(victims.log_probs(against), victims).eval()
@@ -537,7 +565,7 @@ def curve_images(victims: Victims, against: str | None, attack: str, x: torch.Te
                 progress(i + 1, len(strengths), f"{attack} {s:g}")
             yield s, out
         return
-    import foolbox as fb
+    fb = _foolbox()
 
     fmodel = foolbox_model(victims, check_against(against))
     labels = victims.predict(against, x, batch)

@@ -129,6 +129,10 @@ class Attack(Study):
         return f"{self.attack} against the {self.against}{src} · {self.setup.dataset}/{self.setup.model}"
 
     def compute(self, run: Run) -> list[dict]:
+        with A._fp32():
+            return self._compute(run)
+
+    def _compute(self, run: Run) -> list[dict]:
         t0 = time.perf_counter()
         ws, victims, result = load_victims(self.setup, run)
         idx = attack_sample(ws.split.test_idx, self.n, self.seed)
@@ -216,6 +220,10 @@ class Curve(Study):
         return f"{self.attack} curve{who} · {self.setup.dataset}/{self.setup.model}"
 
     def compute(self, run: Run) -> list[dict]:
+        with A._fp32():
+            return self._compute(run)
+
+    def _compute(self, run: Run) -> list[dict]:
         ws, victims, _ = load_victims(self.setup, run)
         idx = attack_sample(ws.split.test_idx, self.n, self.seed)
         y = ws.ds.test_y[idx].to(victims.device)

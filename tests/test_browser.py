@@ -88,3 +88,55 @@ def test_build_upload_and_gallery_in_chromium(server):
             browser.close()
     print(f"\nbuilt in {built:.1f} s, gallery of the upload after {gallery:.1f} s; screenshot: {shot}")
     assert shot.stat().st_size > 10_000
+
+
+def test_robustness_lab_and_why_it_resists_in_chromium(server):
+    """The robustness pages in a real browser: a small Table 2 row runs and draws, and on "Why it
+    resists" moving the epsilon slider (keyboard, as a user would) redraws the adversarial."""
+    import re
+
+    from playwright.sync_api import sync_playwright
+
+    url, tmp = server
+    shots = Path(os.environ.get("CACHEVIZ_SHOTS_DIR") or tmp)
+    shots.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=_load_harness().CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 2200})
+            page.goto(url)
+            page.get_by_role("button", name="Build cache").click(timeout=60_000)
+            page.get_by_text("Network alone").wait_for(timeout=180_000)
+
+            page.get_by_role("link", name="Robustness lab (Tables 2–4)").first.click()
+            n_box = page.get_by_role("spinbutton", name="Images (N)")
+            n_box.wait_for(timeout=60_000)
+            n_box.fill("20")
+            n_box.press("Enter")
+            page.get_by_role("button", name="Run the attack").click(timeout=60_000)
+            page.get_by_text("Mean ρ_adv (successes)").wait_for(timeout=180_000)
+            page.locator("[data-testid=stMain] .js-plotly-plot").first.wait_for(timeout=60_000)
+            time.sleep(1.0)
+            page.screenshot(path=str(shots / "browser-robustness.png"))
+
+            page.get_by_role("link", name="Why it resists").first.click()
+            page.get_by_text("Does the adversarial still retrieve its true class?").wait_for(timeout=120_000)
+            before = page.get_by_text(re.compile(r"^adversarial · ρ_adv")).first.inner_text()
+            thumb = page.locator('[data-testid="stSlider"]', has_text="ε").get_by_role("slider")
+            thumb.focus()
+            for _ in range(40):
+                thumb.press("ArrowRight")
+            deadline = time.time() + 60
+            after = before
+            while time.time() < deadline and after == before:
+                time.sleep(0.5)
+                after = page.get_by_text(re.compile(r"^adversarial · ρ_adv")).first.inner_text()
+            assert after != before, "moving epsilon did not redraw the adversarial"
+            assert float(after.split()[-1]) > float(before.split()[-1])
+            time.sleep(1.0)
+            shot = shots / "browser-why-it-resists.png"
+            page.screenshot(path=str(shot))
+            assert page.get_by_text("Traceback").count() == 0
+        finally:
+            browser.close()
+    print(f"\nscreenshots: {shots / 'browser-robustness.png'}, {shot}")
