@@ -7,7 +7,8 @@
         --out-dir docs/figures
 
 writes layer-sweep.png (Figure 2, every --layers file overlaid) and size-sweep.png (Figure 3);
---table1 t.json adds table1.png. Rows are the JSON lists that `--out X.json` writes.
+--table1 t.json adds table1.png; --curves a.json b.json ... draws strength curves (rows of
+`attack --epsilons ... --out X.json`) as one grid, robustness-curves.png (--curves-name). Rows are the JSON lists that `--out X.json` writes.
 Needs kaleido and a local Chrome/Chromium (see cacheviz.plots.fig_to_png); exit status 2 with
 one sentence when something is missing.
 """
@@ -46,11 +47,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layers", nargs="*", default=[], metavar="JSON", help="sweep-layers rows, one file per model")
     p.add_argument("--sizes", metavar="JSON", help="sweep-size rows")
     p.add_argument("--table1", metavar="JSON", help="table1 rows (optional)")
+    p.add_argument("--curves", nargs="*", default=[], metavar="JSON",
+                   help="attack --epsilons rows, one file per curve, drawn as one grid of panels")
+    p.add_argument("--curves-name", default="robustness-curves.png", help="file name of the --curves grid")
     p.add_argument("--out-dir", default="docs/figures", help="where the PNGs go (default docs/figures)")
     p.add_argument("--width", type=int, default=900, help="figure width in layout pixels (PNG at 2x)")
     args = p.parse_args(argv)
-    if not (args.layers or args.sizes or args.table1):
-        p.error("give --layers, --sizes and/or --table1")
+    if not (args.layers or args.sizes or args.table1 or args.curves):
+        p.error("give --layers, --sizes, --table1 and/or --curves")
     try:
         out = Path(args.out_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -64,6 +68,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.table1:
             rows = read_rows(args.table1, {"model", "dataset", "variant", "error"})
             written.append(write_png(plots.fig_table1(rows), out / "table1.png", args.width))
+        if args.curves:
+            panels = [read_rows(f, {"attack", "against", "model", "epsilon", "accuracy", "sem", "n"}) for f in args.curves]
+            written.append(write_png(plots.fig_curve_grid(panels), out / args.curves_name, args.width))
     except CachevizError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

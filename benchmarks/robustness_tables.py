@@ -36,6 +36,11 @@ def load(folder: Path) -> list[dict]:
     return rows
 
 
+def mark(r: dict) -> str:
+    """† for a row measured on a GPU (the footnote names it)."""
+    return "" if r.get("device", "cpu") == "cpu" else " †"
+
+
 def tables(rows: list[dict]) -> str:
     out = []
     own = [r for r in rows if r["source_model"] == r["net"]]
@@ -52,7 +57,7 @@ def tables(rows: list[dict]) -> str:
                 continue
             r0 = rs[0]
             cells = [f"{pct(r['accuracy'])} ({pct(r['clean_accuracy'])})" for r in rs]
-            out.append(f"| {NAMES[a]} | {r0['n']} | {pct(r0['success_rate'])} ({r0['n_failed']} failed) "
+            out.append(f"| {NAMES[a]}{mark(r0)} | {r0['n']} | {pct(r0['success_rate'])} ({r0['n_failed']} failed) "
                        f"| {num(r0['rho_adv'])} | " + " | ".join(cells) + " |")
         out += ["", f"**Table 3 — {net}, each model attacked through its own gradients (white-box)**: "
                 "success rate and mean ρ_adv over the successes", "",
@@ -62,7 +67,7 @@ def tables(rows: list[dict]) -> str:
             for m in ("network", "cache", "cache-only"):
                 r = by.get((net, a, m, m))
                 cells.append("not run" if r is None else
-                             f"{pct(r['success_rate'])} of {r['n']}, ρ_adv {num(r['rho_adv'])}")
+                             f"{pct(r['success_rate'])} of {r['n']}, ρ_adv {num(r['rho_adv'])}{mark(r)}")
             if any(c != "not run" for c in cells):
                 out.append(f"| {NAMES[a]} | " + " | ".join(cells) + " |")
         out.append("")
@@ -77,7 +82,11 @@ def tables(rows: list[dict]) -> str:
                                     key=lambda k: (k[0], k[1], ORDER.index(k[2]))):
             rs = [tby.get((src, net, a, m)) for m in ("network", "cache", "cache-only")]
             cells = ["—" if r is None else f"{pct(r['accuracy'])} ({pct(r['clean_accuracy'])})" for r in rs]
-            out.append(f"| {NAMES[a]} | {src} | {net} | {pct(rs[0]['success_rate'])} | " + " | ".join(cells) + " |")
+            out.append(f"| {NAMES[a]}{mark(rs[0])} | {src} | {net} | {pct(rs[0]['success_rate'])} | "
+                       + " | ".join(cells) + " |")
+    gpus = sorted({r["device"] for r in rows if r.get("device", "cpu") != "cpu"})
+    if gpus:
+        out += ["", f"† measured on one {', '.join(gpus)}; every other row on the 2-core CPU."]
     return "\n".join(out)
 
 

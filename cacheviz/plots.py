@@ -464,11 +464,9 @@ def fig_attack(rows, height: int = 380) -> go.Figure:
     return fig
 
 
-def fig_robustness_curve(rows, height: int = 420) -> go.Figure:
-    """Accuracy (%) against the strength, one line per model with a band of ±1 s.e.m. over the
-    images; a linear strength axis (0 and the factors below 1 stay on it)."""
-    fig = go.Figure()
-    attack = rows[0].get("attack") if rows else ""
+def _curve_traces(rows, showlegend: bool, marker_size: int) -> list[go.Scatter]:
+    """Per model: its ±1 s.e.m. band, then its line, accuracy (%) against the strength."""
+    traces = []
     for m in ROBUST_MODELS:
         rs = sorted((r for r in rows if r.get("model") == m), key=lambda r: float(r["epsilon"]))
         if not rs:
@@ -477,16 +475,24 @@ def fig_robustness_curve(rows, height: int = 420) -> go.Figure:
         y = [100 * float(r["accuracy"]) for r in rs]
         e = [100 * float(r.get("sem") or 0.0) for r in rs]
         color = ROBUST_COLORS[m]
-        fig.add_trace(go.Scatter(
+        traces.append(go.Scatter(
             x=x + x[::-1], y=[min(100.0, a + b) for a, b in zip(y, e)] + [max(0.0, a - b) for a, b in zip(y, e)][::-1],
-            mode="lines", fill="toself", fillcolor=_rgba(color, 0.18), line=dict(width=0), hoverinfo="skip", showlegend=False,
-            legendgroup=m, name=f"{m} ± s.e.m.",
-        ))
-        fig.add_trace(go.Scatter(
-            x=x, y=y, mode="lines+markers", name=m, legendgroup=m, line=dict(color=color, width=2),
-            marker=dict(color=color, size=7), customdata=e,
-            hovertemplate=f"<b>{m}</b><br>strength %{{x:g}}<br>accuracy %{{y:.2f}} ± %{{customdata:.2f}}%<extra></extra>",
-        ))
+            mode="lines", fill="toself", fillcolor=_rgba(color, 0.18), line=dict(width=0), hoverinfo="skip",
+            showlegend=False, legendgroup=m, name=f"{m} ± s.e.m."))
+        traces.append(go.Scatter(
+            x=x, y=y, mode="lines+markers", name=m, legendgroup=m, showlegend=showlegend,
+            line=dict(color=color, width=2), marker=dict(color=color, size=marker_size), customdata=e,
+            hovertemplate=f"<b>{m}</b><br>strength %{{x:g}}<br>accuracy %{{y:.2f}} ± %{{customdata:.2f}}%<extra></extra>"))
+    return traces
+
+
+def fig_robustness_curve(rows, height: int = 420) -> go.Figure:
+    """Accuracy (%) against the strength, one line per model with a band of ±1 s.e.m. over the
+    images; a linear strength axis (0 and the factors below 1 stay on it)."""
+    fig = go.Figure()
+    attack = rows[0].get("attack") if rows else ""
+    for trace in _curve_traces(rows, showlegend=True, marker_size=7):
+        fig.add_trace(trace)
     against = rows[0].get("against") if rows else None
     n = rows[0].get("n") if rows else 0
     fig.update_layout(
@@ -511,4 +517,29 @@ def fig_attack_strengths(strength, success, attack: str, height: int = 260) -> g
         xaxis_title=strength_label(attack), yaxis_title="images", height=height, bargap=0.05,
         margin=dict(l=10, r=10, t=40, b=10),
     )
+    return fig
+
+
+def fig_curve_grid(panels: list[list[dict]], cols: int = 3, panel_height: int = 260) -> go.Figure:
+    """Several strength curves (each a list of Curve rows) as a grid of small panels, one legend:
+    accuracy (%) against the strength, a line per model with its ±1 s.e.m. band."""
+    from plotly.subplots import make_subplots
+
+    rows_n = max(1, -(-len(panels) // cols))
+    titles = []
+    for rows in panels:
+        a, t = rows[0].get("attack"), rows[0].get("against")
+        titles.append(f"{a}{f' against the {t}' if t else ''}")
+    fig = make_subplots(rows=rows_n, cols=cols, subplot_titles=titles, horizontal_spacing=0.06,
+                        vertical_spacing=0.12 if rows_n > 1 else 0.1)
+    for i, rows in enumerate(panels):
+        r, c = i // cols + 1, i % cols + 1
+        for trace in _curve_traces(rows, showlegend=i == 0, marker_size=5):
+            fig.add_trace(trace, row=r, col=c)
+        fig.update_xaxes(title_text=strength_label(rows[0].get("attack")), title_font=dict(size=11), row=r, col=c)
+        fig.update_yaxes(range=[0, 102], title_text="accuracy (%)" if c == 1 else None, row=r, col=c)
+    n = panels[0][0].get("n") if panels and panels[0] else 0
+    fig.update_layout(height=panel_height * rows_n + 80, margin=dict(l=10, r=10, t=70, b=10),
+                      title=f"Accuracy against strength (mean ± s.e.m. over {n} images)",
+                      legend=dict(orientation="h", yanchor="bottom", y=1.03, xanchor="right", x=1.0))
     return fig

@@ -129,7 +129,7 @@ class Attack(Study):
         return f"{self.attack} against the {self.against}{src} · {self.setup.dataset}/{self.setup.model}"
 
     def compute(self, run: Run) -> list[dict]:
-        with A._fp32():
+        with A.fp32():
             return self._compute(run)
 
     def _compute(self, run: Run) -> list[dict]:
@@ -220,7 +220,7 @@ class Curve(Study):
         return f"{self.attack} curve{who} · {self.setup.dataset}/{self.setup.model}"
 
     def compute(self, run: Run) -> list[dict]:
-        with A._fp32():
+        with A.fp32():
             return self._compute(run)
 
     def _compute(self, run: Run) -> list[dict]:
