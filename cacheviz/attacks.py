@@ -20,8 +20,8 @@ and `LinfBasicIterativeAttack` at a shared epsilon. The strength curves call Foo
 with the whole epsilon list, and the decision-based check is Foolbox's `HopSkipJumpAttack`.
 
 Gradients of the cache models flow through the query's features, the similarities and the
-softmax (`cache.CacheClassifier`). Their "logits" are log p: the cross-entropy of log p is
--log p_y, the loss a Keras model with a probability output (the author's) is attacked with.
+softmax (`cache.CacheClassifier`). Their "logits" are log p, so the attacks' cross-entropy is
+-log p_y: the cross-entropy of the models' own probability output, unclipped.
 """
 from __future__ import annotations
 
