@@ -679,7 +679,8 @@ def table(res: dict) -> str:
     if h:
         for attack, label in (("fgsm", "FGSM"), ("ifgsm", "I-FGSM")):
             r = h[attack]
-            rows.append(f"| (h) Table 2's {label} row, {h['model']}, {h['n']} images: minimal search against the network "
+            rows.append(f"| (h) Table 2's {label} row, {h['model']}, {h['n']} images ({len(r['time']['runs'])} runs): "
+                        f"minimal search against the network "
                         f"({r['gradients']:,} input gradients, {r['evaluations']:,} label checks), shown to the three "
                         f"models ({h['n_cache']:,} keys x {h['key_dim']:,}-d) | {spread(r['time'])} | the same network "
                         f"passes, plain and batched, + one show pass: {fmt_s(r['limit']['median'])} | {ratio_cell(r)} "
