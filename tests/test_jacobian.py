@@ -1,0 +1,88 @@
+"""Input-output Jacobians (Figure 4): against finite differences, a linear model, the mixture
+identity, and known singular values."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cacheviz.attacks import Victims
+from cacheviz.cache import CacheMemory
+from cacheviz.config import Setup
+from cacheviz.jacobian import batch_jacobians, jacobian_stats
+from cacheviz.models import ModelSpec
+from cacheviz.progress import Silent
+from cacheviz.robustness import load_victims
+from cacheviz.study import Run
+
+
+@pytest.fixture(scope="module")
+def victims(data_dir):
+    ws, v, _ = load_victims(Setup(), Run(data_dir, "cpu", 256, Silent()))
+    g = torch.Generator().manual_seed(0)
+    # a little noise: digits' flat background makes max-pool ties, where no derivative exists
+    x = ws.spec.preprocess(ws.ds.test_x[ws.split.test_idx[:4]]) + 0.05 * torch.randn(4, 1, 8, 8, generator=g)
+    return v, x, ws
+
+
+def test_network_and_cache_jacobians_match_finite_differences(victims):
+    v, x, ws = victims
+    v64 = Victims(ws.spec, CacheMemory(v.memory.keys.double(), v.memory.labels, v.memory.n_classes,
+                                       dtype=torch.float64), v.layers, v.theta, v.lam, v.theta_cache_only)
+    ws.spec.net.double()
+    try:
+        xd = x[:2].double()
+        js = batch_jacobians(v64, xd)
+        g = torch.Generator().manual_seed(1)
+        for m in ("network", "cache", "cache-only"):
+            for _ in range(3):
+                d = torch.randn(xd.shape, generator=g, dtype=torch.float64)
+                h = 1e-5
+                fd = (v64.probs(m, xd + h * d) - v64.probs(m, xd - h * d)) / (2 * h)  # (B, C)
+                jd = torch.einsum("bcd,bd->bc", js[m], d.flatten(1))
+                assert torch.allclose(jd, fd, rtol=1e-4, atol=1e-8), m
+    finally:
+        ws.spec.net.float()
+
+
+def test_cache_jacobian_is_the_mixture_of_the_networks_and_p_mems(victims):
+    """Checked against the cache model's own Jacobian, computed through CacheClassifier."""
+    v, x, _ = victims
+    js = batch_jacobians(v, x[:2])
+    for i in range(2):
+        own = torch.autograd.functional.jacobian(lambda z: v.probs("cache", z[None])[0], x[i])  # (C, 1, 8, 8)
+        assert torch.allclose(js["cache"][i], own.flatten(1), atol=1e-5)
+        only = torch.autograd.functional.jacobian(lambda z: v.probs("cache-only", z[None])[0], x[i])
+        assert torch.allclose(js["cache-only"][i], only.flatten(1), atol=1e-5)
+
+
+def test_linear_models_jacobian_is_its_weights_times_the_softmax_jacobian():
+    torch.manual_seed(0)
+    w = torch.randn(3, 12)
+
+    class Net(torch.nn.Module):
+        def forward(self, x):
+            return x.flatten(1) @ w.T
+
+    spec = ModelSpec(name="linear", net=Net(), input_size=(2, 2), in_channels=3, mean=(0.0,) * 3, std=(1.0,) * 3,
+                     classes=["a", "b", "c"], layers=[("input", 0.0), ("logits", 1.0)], default_layers=["input"],
+                     weights_id="test")
+    mem = CacheMemory(torch.nn.functional.normalize(torch.randn(5, 12), dim=1), torch.tensor([0, 1, 2, 0, 1]), 3)
+    v = Victims(spec, mem, ["input"], 10.0, 0.3, 20.0)
+    x = torch.randn(4, 3, 2, 2)
+    j = batch_jacobians(v, x)["network"]
+    p = torch.softmax(x.flatten(1) @ w.T, dim=1)
+    for i in range(4):
+        softmax_j = torch.diag(p[i]) - torch.outer(p[i], p[i])
+        assert torch.allclose(j[i], softmax_j @ w, atol=1e-6)
+
+
+def test_singular_values_and_norms_of_a_known_matrix(victims):
+    v, x, _ = victims
+    stats, kept = jacobian_stats(v, x, batch=3, keep=True)
+    for m in ("network", "cache", "cache-only"):
+        j = kept[m]
+        assert stats.singular_values[m].shape == (len(x), v.memory.n_classes)
+        assert torch.allclose(stats.norms[m], j.flatten(1).norm(dim=1), rtol=1e-4)
+        assert bool((stats.singular_values[m][:, :-1] >= stats.singular_values[m][:, 1:] - 1e-7).all())
+    a = torch.diag(torch.tensor([3.0, 2.0, 1.0])) @ torch.linalg.qr(torch.randn(3, 3))[0]
+    assert torch.allclose(torch.linalg.svdvals(a), torch.tensor([3.0, 2.0, 1.0]), atol=1e-5)
