@@ -195,6 +195,12 @@ def build_parser() -> argparse.ArgumentParser:
                                        "the minimal perturbation per image")
     ap.add_argument("--source-model", help="Table 4: make the adversarials against this network, show them to --model's")
     ap.add_argument("--out", metavar="OUT", help=out_help)
+
+    jp = sub.add_parser("jacobian", parents=[exp], help="Figure 4: input-output Jacobians of the three models")
+    jp.add_argument("--layers", help="comma-separated key layers (default: the model's own defaults)")
+    jp.add_argument("--project-dim", type=_positive, help="random-project layers wider than D to D dimensions")
+    jp.add_argument("--n", type=_positive, help="test images (default 500 on the CPU, the whole test part on a GPU)")
+    jp.add_argument("--out", metavar="OUT", help=out_help)
     return p
 
 
@@ -360,6 +366,32 @@ def cmd_attack(args) -> int:
     return _run_rows(study, args, ["attack", "against", *cols])
 
 
+def cmd_jacobian(args) -> int:
+    from .jacobian import CPU_DEFAULT_N, Jacobians, summary
+    from .workspace import resolve_device
+
+    setup = _setup(args, project_dim=args.project_dim)
+    n = args.n
+    if n is None:
+        if resolve_device(args.device).type == "cuda":
+            from .data import inspect_classes  # noqa: F401 - the test part's size needs the split
+            from .workspace import prepare
+
+            n = len(prepare(setup, _data_dir(args), "cpu").split.test_idx)
+        else:
+            n = CPU_DEFAULT_N
+    study = Jacobians(setup, n, args.seed)
+    from .rows import check_out_path, write_rows
+
+    if args.out:
+        check_out_path(args.out)
+    rows = _run(study, args)
+    _print_rows(summary(rows), ["model", "n", "mean_norm", "median_norm"], sys.stderr if args.out == "-" else sys.stdout)
+    if args.out:
+        write_rows(rows, args.out)
+    return 0
+
+
 def edge_note(r: dict) -> str | None:
     """A sentence when a tuned theta is the grid's first or last value."""
     which = [name for name, flag in (("theta", "theta_on_edge"), ("the cache-only theta", "theta_cache_only_on_edge"))
@@ -405,7 +437,8 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     commands = {"layers": cmd_layers, "models": cmd_models, "evaluate": cmd_evaluate,
-                "sweep-layers": cmd_sweep_layers, "sweep-size": cmd_sweep_size, "table1": cmd_table1, "attack": cmd_attack}
+                "sweep-layers": cmd_sweep_layers, "sweep-size": cmd_sweep_size, "table1": cmd_table1, "attack": cmd_attack,
+                "jacobian": cmd_jacobian}
     shown = warnings.showwarning
     warnings.showwarning = _show_warning  # a damaged stored file: one line, not a source listing
     try:

@@ -78,3 +78,91 @@ def jacobian_stats(v: Victims, x: torch.Tensor, batch: int = 32, progress: Progr
             progress(min(s + batch, n), n, "Jacobians")
     stats = JacobianStats({m: torch.cat(norms[m]) for m in MODELS}, {m: torch.cat(svals[m]) for m in MODELS})
     return stats, ({m: torch.cat(kept[m]) for m in MODELS} if keep else None)
+
+
+# ---------------------------------------------------------------------------------------------
+# The study
+
+import math  # noqa: E402
+from dataclasses import dataclass as _dataclass  # noqa: E402
+
+from .config import Setup  # noqa: E402
+from .errors import CachevizError  # noqa: E402
+from .progress import Stage  # noqa: E402
+from .study import Run, Study  # noqa: E402
+
+# Images per batch of Jacobians: 3C backward directions of each are vmapped together.
+JACOBIAN_BATCH = 32
+# Without --n: this many images on the CPU, the whole test part on a GPU.
+CPU_DEFAULT_N = 500
+
+
+@_dataclass(frozen=True)
+class Jacobians(Study):
+    """Figure 4: per test image and model, the Frobenius norm of J and its C singular values.
+    The images are the robustness lab's (`robustness.attack_sample` with the same n and seed), so
+    rows join with its per-image rho_adv on `index`. Rows: index, label, model, norm,
+    singular_values, theta, lam, net, dataset, layers, seed, device."""
+
+    setup: Setup
+    n: int = CPU_DEFAULT_N
+    seed: int = 0
+    kind = "jacobian"
+    stages = (Stage.CACHE_MODEL, Stage.LOAD, "Jacobians")
+
+    def __post_init__(self):
+        if isinstance(self.n, bool) or not isinstance(self.n, int) or self.n < 1:
+            raise CachevizError("give a positive number of images", param="n", value=self.n)
+
+    @property
+    def setups(self) -> tuple[Setup, ...]:
+        return (self.setup,)
+
+    def options(self) -> dict:
+        return {"setup": self.setup.identity(), "n": self.n, "seed": self.seed}
+
+    def compute(self, run: Run) -> list[dict]:
+        from .attacks import fp32
+        from .robustness import attack_sample, load_victims
+
+        with fp32():
+            ws, v, _ = load_victims(self.setup, run)
+            idx = attack_sample(ws.split.test_idx, self.n, self.seed)
+            x = ws.spec.preprocess(ws.ds.test_x[idx].to(v.device))
+            run.progress.stage("Jacobians")
+            stats, _ = jacobian_stats(v, x, batch=JACOBIAN_BATCH, progress=run.progress.step)
+        y = ws.ds.test_y[idx]
+        hyper = {"network": (None, None), "cache": (v.theta, v.lam), "cache-only": (v.theta_cache_only, 1.0)}
+        rows = []
+        for i in range(len(idx)):
+            for m in MODELS:
+                theta, lam = hyper[m]
+                # significant digits, not decimals: singular values span many orders of magnitude
+                rows.append({
+                    "index": int(idx[i]), "label": int(y[i]), "model": m, "norm": _sig(stats.norms[m][i]),
+                    "singular_values": [_sig(s) for s in stats.singular_values[m][i]], "theta": theta, "lam": lam,
+                    "net": ws.spec.name, "dataset": self.setup.dataset, "layers": list(v.layers), "seed": self.seed,
+                    "device": run.device_name,
+                })
+        run.tensors = {"test_idx": idx, "y": y, **{f"norm_{m}": stats.norms[m] for m in MODELS},
+                       **{f"sv_{m}": stats.singular_values[m] for m in MODELS}}
+        return rows
+
+
+def _sig(v) -> float:
+    return float(f"{float(v):.6g}")
+
+
+def summary(rows: list[dict]) -> list[dict]:
+    """Per model: mean and median norm, and the mean spectrum with its s.e.m. over the images."""
+    out = []
+    for m in MODELS:
+        rs = [r for r in rows if r["model"] == m]
+        if not rs:
+            continue
+        norms = torch.tensor([r["norm"] for r in rs], dtype=torch.float64)
+        sv = torch.tensor([r["singular_values"] for r in rs], dtype=torch.float64)
+        sem = sv.std(0, unbiased=True) / math.sqrt(len(rs)) if len(rs) > 1 else torch.zeros(sv.shape[1])
+        out.append({"model": m, "n": len(rs), "mean_norm": float(norms.mean()), "median_norm": float(norms.median()),
+                    "mean_singular_values": sv.mean(0).tolist(), "sem_singular_values": sem.tolist()})
+    return out

@@ -86,3 +86,18 @@ def test_singular_values_and_norms_of_a_known_matrix(victims):
         assert bool((stats.singular_values[m][:, :-1] >= stats.singular_values[m][:, 1:] - 1e-7).all())
     a = torch.diag(torch.tensor([3.0, 2.0, 1.0])) @ torch.linalg.qr(torch.randn(3, 3))[0]
     assert torch.allclose(torch.linalg.svdvals(a), torch.tensor([3.0, 2.0, 1.0]), atol=1e-5)
+
+
+def test_cli_jacobian_rows(data_dir, tmp_path):
+    import json
+
+    from cacheviz.__main__ import main
+
+    out = tmp_path / "j.json"
+    assert main(["jacobian", "--data-dir", str(data_dir), "--n", "6", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert len(rows) == 6 * 3
+    for r in rows:
+        assert {"index", "label", "model", "norm", "singular_values", "theta", "lam"} <= set(r)
+        assert len(r["singular_values"]) == 10
+        assert r["norm"] == pytest.approx(sum(s * s for s in r["singular_values"]) ** 0.5, rel=1e-4)
