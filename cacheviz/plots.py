@@ -543,3 +543,52 @@ def fig_curve_grid(panels: list[list[dict]], cols: int = 3, panel_height: int = 
                       title=f"Accuracy against strength (mean ± s.e.m. over {n} images)",
                       legend=dict(orientation="h", yanchor="bottom", y=1.03, xanchor="right", x=1.0))
     return fig
+
+
+def fig_jacobian_spectrum(summary_rows: list[dict], height: int = 380) -> go.Figure:
+    """Figure 4a: the mean singular value of J at each index 1..C per model (log scale), ±1 s.e.m.
+    over the images; the mean and the median |J| in the legend (the norms are heavy-tailed)."""
+    fig = go.Figure()
+    for s in summary_rows:
+        m = s["model"]
+        mean = s["mean_singular_values"]
+        sem = s["sem_singular_values"]
+        k = list(range(1, len(mean) + 1))
+        fig.add_trace(go.Scatter(
+            x=k, y=mean, mode="lines+markers", line=dict(color=ROBUST_COLORS[m], width=2),
+            error_y=dict(type="data", array=sem, visible=True, thickness=1),
+            name=f"{m}: mean |J| {s['mean_norm']:.3g}, median {s['median_norm']:.3g}",
+        ))
+    n = summary_rows[0]["n"] if summary_rows else 0
+    fig.update_layout(
+        title=f"Mean singular values of the input-output Jacobian ({n} test images)",
+        xaxis=dict(title="singular value index", dtick=1), yaxis=dict(title="singular value", type="log"),
+        height=height, margin=dict(l=10, r=10, t=50, b=10),
+        legend=dict(orientation="v", yanchor="top", y=1.0, xanchor="right", x=1.0),
+    )
+    return fig
+
+
+def fig_jacobian_scatter(rows: list[dict], other: str, height: int = 380) -> go.Figure:
+    """Figure 4b/c: per-image |J| of the network against `other` (cache or cache-only), log-log,
+    with the diagonal; a point below it is an image where the cache model's Jacobian is smaller."""
+    net = {r["index"]: r["norm"] for r in rows if r["model"] == "network"}
+    oth = {r["index"]: r["norm"] for r in rows if r["model"] == other}
+    idx = [i for i in net if i in oth and net[i] > 0 and oth[i] > 0]
+    x = [net[i] for i in idx]
+    y = [oth[i] for i in idx]
+    below = sum(1 for a, b in zip(x, y) if b < a)
+    lo, hi = (min(x + y), max(x + y)) if idx else (1e-6, 1.0)
+    fig = go.Figure([
+        go.Scatter(x=[lo, hi], y=[lo, hi], mode="lines", line=dict(color="#888", dash="dash"), hoverinfo="skip",
+                   showlegend=False),
+        go.Scatter(x=x, y=y, mode="markers", marker=dict(color=ROBUST_COLORS[other], size=5, opacity=0.6),
+                   customdata=idx, hovertemplate="test #%{customdata}<br>network %{x:.3g}<br>" + other
+                   + " %{y:.3g}<extra></extra>", showlegend=False),
+    ])
+    fig.update_layout(
+        title=f"|J| per image: network against {other} ({below} of {len(idx)} below the diagonal)",
+        xaxis=dict(title="|J(x)| network", type="log"), yaxis=dict(title=f"|J(x)| {other}", type="log"),
+        height=height, margin=dict(l=10, r=10, t=50, b=10),
+    )
+    return fig
