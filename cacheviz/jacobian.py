@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .attacks import MODELS, Victims
@@ -166,3 +167,34 @@ def summary(rows: list[dict]) -> list[dict]:
         out.append({"model": m, "n": len(rs), "mean_norm": float(norms.mean()), "median_norm": float(norms.median()),
                     "mean_singular_values": sv.mean(0).tolist(), "sem_singular_values": sem.tolist()})
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# One image, for the explorer
+
+
+def heatmaps(v: Victims, x: torch.Tensor) -> dict[str, np.ndarray]:
+    """{model: (C, H, W)}: for one normalised image x (1, channels, H, W), |dp_c/dx| summed over
+    the channels, per class c: where in the image each class's probability is sensitive."""
+    from .attacks import fp32
+
+    with fp32():
+        js = batch_jacobians(v, x[:1])
+    b, ch, h, w = x[:1].shape
+    return {m: j[0].reshape(-1, ch, h, w).abs().sum(1).detach().cpu().numpy() for m, j in js.items()}
+
+
+def spectrum_at_theta(v: Victims, x: torch.Tensor, theta: float) -> np.ndarray:
+    """The C singular values (descending) of the cache-only model's J for one image at another
+    theta: a large theta sharpens the softmax over the cache, which saturates and flattens the
+    gradient."""
+    from .attacks import fp32
+
+    theta = float(theta)
+    if not math.isfinite(theta) or theta <= 0:
+        raise CachevizError("theta must be a positive number", param="theta", value=theta)
+    # a fresh Victims rather than editing v: v is shared by every session looking at this setup
+    other = Victims(v.spec, v.memory, v.layers, v.theta, v.lam, theta, device=v.device)
+    with fp32():
+        j = batch_jacobians(other, x[:1])["cache-only"][0].detach()
+    return torch.linalg.svdvals(j).cpu().numpy()

@@ -221,6 +221,28 @@ class Lab:
                                    lambda: A.fgsm_direction(v.log_probs(against), x, target))
         return compare(v, self.index, x, truth, attack, against, eps, k, direction, target, clean)
 
+    def clean(self, test_idx: int, k: int = NEIGHBOURS) -> Side:
+        """The clean image as every model and the cache see it (no attack)."""
+        x, truth = self.image(test_idx)
+        with self._lock:
+            return self._kept(self._clean, (int(test_idx), k), lambda: side(self.victims, self.index, x, truth, k))
+
+    def heatmaps(self, test_idx: int) -> dict[str, np.ndarray]:
+        """{model: (C, H, W)} |dp_c/dx| summed over channels (`jacobian.heatmaps`)."""
+        from .jacobian import heatmaps
+
+        x, _ = self.image(test_idx)
+        with self._lock:
+            return heatmaps(self.victims, x)
+
+    def spectrum_at_theta(self, test_idx: int, theta: float) -> np.ndarray:
+        """The cache-only model's singular values for this image at another theta."""
+        from .jacobian import spectrum_at_theta
+
+        x, _ = self.image(test_idx)
+        with self._lock:
+            return spectrum_at_theta(self.victims, x, theta)
+
     def kept(self) -> dict[str, int]:
         """How many of each kept object the lab holds now."""
         return {"clean": len(self._clean), "directions": len(self._directions), "results": len(self._results)}
