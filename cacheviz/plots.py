@@ -592,3 +592,37 @@ def fig_jacobian_scatter(rows: list[dict], other: str, height: int = 380) -> go.
         height=height, margin=dict(l=10, r=10, t=50, b=10),
     )
     return fig
+
+
+def fig_jacobian_heatmaps(maps: np.ndarray, classes: Sequence[str], title: str = "", height: int = 260) -> go.Figure:
+    """One small heat-map per class c of |dp_c/dx| (C, H, W), on one shared colour scale so the
+    classes' sensitivities compare."""
+    from plotly.subplots import make_subplots
+
+    maps = np.asarray(maps, dtype=float)
+    c = len(maps)
+    cols = min(c, 10)
+    rows = -(-c // cols)
+    fig = make_subplots(rows=rows, cols=cols, subplot_titles=[str(k) for k in classes[:c]],
+                        horizontal_spacing=0.01, vertical_spacing=0.08)
+    top = float(maps.max()) if maps.size and maps.max() > 0 else 1.0
+    for i in range(c):
+        fig.add_trace(go.Heatmap(z=maps[i][::-1], zmin=0, zmax=top, colorscale="Viridis", showscale=i == 0,
+                                 hovertemplate=f"{classes[i]}: %{{z:.3g}}<extra></extra>"),
+                      row=i // cols + 1, col=i % cols + 1)
+    fig.update_xaxes(visible=False, constrain="domain")
+    fig.update_yaxes(visible=False, scaleanchor="x", constrain="domain")
+    fig.update_layout(title=title, height=height * rows, margin=dict(l=10, r=10, t=60, b=10))
+    return fig
+
+
+def fig_singular_values(series: Mapping[str, Sequence[float]], title: str = "", height: int = 300) -> go.Figure:
+    """Singular values 1..C of one image's J (log scale), one line per named series."""
+    fig = go.Figure()
+    for name, values in series.items():
+        v = [float(s) for s in values]
+        fig.add_trace(go.Scatter(x=list(range(1, len(v) + 1)), y=v, mode="lines+markers", name=name))
+    fig.update_layout(title=title, xaxis=dict(title="singular value index", dtick=1),
+                      yaxis=dict(title="singular value", type="log"), height=height,
+                      margin=dict(l=10, r=10, t=50, b=10), legend=dict(orientation="h", y=-0.25))
+    return fig
