@@ -8,6 +8,7 @@
     tables     rows as tables, CSV and PNG downloads
     nav        page config, navigation, the entry-script guard
     robustness the robustness lab's studies and tables, and the "Why it resists" view's models
+    jacobian   the Jacobians page (Figure 4): its study, |J| table, command line, explorer order
 
 Pages read widgets, build a study, look it up or run it through `panels`, and draw; they use
 the names re-exported here.
@@ -15,6 +16,8 @@ the names re-exported here.
 import logging as _logging
 import os as _os
 
+from .jacobian import (THETA_RANGE, by_network_norm, jacobian_cli, jacobian_default_n, jacobian_study,
+                       jacobian_summary, norm_table, norms_of)
 from .jobs import Job, JobBoard
 from .messages import WIDGETS, markdown_text, message, upload_name
 from .nav import ensure_entrypoint, entrypoint_started, page_config, pages
@@ -58,4 +61,6 @@ __all__ = [
     "NEIGHBOURS", "PAPER_N", "RESIST_ATTACKS", "ROBUST_MODELS", "ROBUST_MODES", "attack_cli", "attack_strengths",
     "attack_table", "attack_verdict", "curve_table", "eps_in_pixels", "parse_strengths", "pixel_scale", "resist_lab",
     "resist_verdict", "robust_exports", "robustness_study", "strengths_text", "test_part_size", "transfer_sources",
+    "THETA_RANGE", "by_network_norm", "jacobian_cli", "jacobian_default_n", "jacobian_study", "jacobian_summary",
+    "norm_table", "norms_of",
 ]

@@ -53,5 +53,6 @@ def pages(root: str | Path) -> dict[str, list]:
         "Robustness": [
             st.Page(pg / "robustness.py", title="Robustness lab (Tables 2–4)", icon=":material/shield:"),
             st.Page(pg / "resists.py", title="Why it resists", icon=":material/psychology:"),
+            st.Page(pg / "jacobian.py", title="Jacobians (Fig. 4)", icon=":material/grain:"),
         ],
     }

@@ -1,0 +1,96 @@
+"""Figure 4: the input-output Jacobians of the network, the cache model and the cache-only model
+(their spectra and per-image norms), and an explorer of one image's Jacobian."""
+from pathlib import Path
+
+import streamlit as st
+
+from cacheviz import images, plots, ui
+
+ui.ensure_entrypoint(Path(__file__).resolve().parents[1] / "app.py")  # see ui.ensure_entrypoint
+
+INTRO = """
+The paper's **Figure 4**: J(x) = ∂p(y|x)/∂x, the derivative of a model's whole probability vector with respect
+to the input, a C × (pixels) matrix per test image. A small J means a small change of the input can move the
+answer only a little. **4a**: the mean singular values of J — the cache lowers the first and raises the others.
+**4b/c**: |J| per image, the network against the cache model and the cache-only model; a point below the
+diagonal is an image where the cache's Jacobian is smaller. The per-image norms are heavy-tailed (most images
+saturate the network's softmax, a few are very sensitive), so the table gives the median beside the mean.
+"""
+
+with ui.experiment_page("jc", "Jacobians (Fig. 4)", INTRO) as choice:
+    s = choice.setup
+    size = ui.test_part_size(choice)
+    default_n = ui.jacobian_default_n(choice, size)
+    c1, c2 = st.columns(2)
+    n = int(c1.number_input("Images (N)", min_value=1, value=default_n, step=10, key=f"jc_n_{size}",
+                            help="Drawn at random (seeded) from the test part, the same images as the robustness "
+                                 "lab's for this N and seed."))
+    seed = int(c2.number_input("Seed", min_value=0, max_value=ui.MAX_SEED, value=0, key="jc_seed"))
+    if size and n > size:
+        st.info(f"The test part of this setup holds {size} images, so all {size} are used.")
+        n = size
+
+    study = ui.jacobian_study(choice, n, seed)
+    rows = ui.study_panel(study, choice, key="jc", label="Compute the Jacobians",
+                          note=ui.missing_data_note(choice), lock_key=ui.sweep_lock(choice))
+    if not rows:
+        st.stop()
+
+    summ = ui.jacobian_summary(rows)
+    fig = plots.fig_jacobian_spectrum(summ)
+    st.plotly_chart(fig, key="jc_spectrum_fig")
+    st.dataframe(ui.norm_table(summ), hide_index=True, key="jc_norm_table")
+    a, b = st.columns(2)
+    a.plotly_chart(plots.fig_jacobian_scatter(rows, "cache"), key="jc_scatter_cache")
+    b.plotly_chart(plots.fig_jacobian_scatter(rows, "cache-only"), key="jc_scatter_only")
+    ui.robust_exports(fig, rows, f"jacobian-{s.dataset}-{s.model}-n{study.n}-seed{seed}", key="jc_export")
+    note = "" if seed == s.seed else (f" for seed {s.seed} (the command line's --seed also reseeds the split and "
+                                      "the tuning, so it has no seed for the images alone)")
+    st.caption(f"The same numbers as `{ui.jacobian_cli(study)}`{note}.")
+
+    # -----------------------------------------------------------------------------------------
+    st.header("One image's Jacobian")
+    result = ui.build_panel(choice, key="jc_build")
+    if result is None:
+        st.stop()
+    index = ui.load_index(choice, result, key="jc_index")
+    if index is None:
+        st.stop()
+    lab = ui.resist_lab(choice, result)
+    classes = lab.classes
+    order = ui.by_network_norm(rows)
+    test_idx = st.selectbox("Test image (the study's, the network's largest |J| first)", order,
+                            format_func=lambda i: f"test #{i} · {classes[int(lab.ws.ds.test_y[i])]} · network |J| "
+                                                  f"{ui.norms_of(rows, i).get('network', 0):.3g}",
+                            key=f"jc_img_{ui.setup_tag(s)}_{study.n}_{seed}")
+    clean = lab.clean(test_idx)
+    ex = clean.explanation
+    norms = ui.norms_of(rows, test_idx)
+    left, right = st.columns([1, 3])
+    left.image(images.enlarge(clean.image, 160), width=160, caption=f"test #{test_idx} · true {classes[clean.truth]}")
+    left.markdown(" · ".join(f"{m} |J| **{v:.3g}**" for m, v in norms.items()))
+    right.plotly_chart(plots.fig_probs(classes, {"p_net": ex.p_net, "p_mem": ex.p_mem, "p": ex.p}, height=260),
+                       key="jc_probs")
+
+    with st.spinner("Jacobian of this image…"):
+        maps = lab.heatmaps(test_idx)
+    st.plotly_chart(plots.fig_jacobian_heatmaps(maps["cache"], classes,
+                                                title="The cache model's |∂p_c/∂x| per class c (summed over "
+                                                      "channels; one colour scale)"), key="jc_heatmaps")
+
+    v = lab.victims
+    lo, hi = ui.THETA_RANGE
+    t1, t2 = st.columns([2, 3])
+    theta = t1.slider("θ of the cache-only model", lo, hi, float(min(max(v.theta_cache_only, lo), hi)), 1.0,
+                      key="jc_theta")
+    t1.markdown("A large θ sharpens the softmax over the cache's similarities: it saturates on the nearest stored "
+                "images, and the gradient flattens — a smaller J, but one that says less about how far the "
+                "nearest decision boundary is.")
+    with st.spinner("Singular values at this θ…"):
+        own = lab.spectrum_at_theta(test_idx, v.theta_cache_only)
+        at = lab.spectrum_at_theta(test_idx, theta)
+    t2.plotly_chart(plots.fig_singular_values({f"tuned θ = {v.theta_cache_only:g}": own, f"θ = {theta:g}": at},
+                                              title=f"Cache-only model, test #{test_idx}: singular values of J"),
+                    key="jc_theta_fig")
+    st.caption(f"θ = {v.theta:g}, λ = {v.lam:g} (cache-only θ = {v.theta_cache_only:g}), tuned on validation; "
+               f"keys {', '.join(index.layers)}.")
