@@ -126,7 +126,7 @@ def test_jacobian_page_runs_and_explores(env, entry):
     assert any(t.startswith("Mean singular values of the input-output Jacobian (20 test images)") for t in titles)
     assert any("network against cache (" in t for t in titles)
     assert any("network against cache-only (" in t for t in titles)
-    (table,) = [d for d in at.dataframe if d.key == "jc_norm_table"]
+    (table,) = [d for d in at.dataframe if "median |J|" in d.value.columns]
     df = table.value
     assert list(df["model"]) == ["network", "cache", "cache-only"] and "median |J|" in df.columns
     assert (df["images"] == 20).all()
