@@ -232,8 +232,8 @@ class Lab:
         from .jacobian import heatmaps
 
         x, _ = self.image(test_idx)
-        with self._lock:
-            return heatmaps(self.victims, x)
+        with self._lock:  # kept: every widget move reruns the page
+            return self._kept(self._results, ("heatmaps", int(test_idx)), lambda: heatmaps(self.victims, x))
 
     def spectrum_at_theta(self, test_idx: int, theta: float) -> np.ndarray:
         """The cache-only model's singular values for this image at another theta."""
@@ -241,7 +241,8 @@ class Lab:
 
         x, _ = self.image(test_idx)
         with self._lock:
-            return spectrum_at_theta(self.victims, x, theta)
+            return self._kept(self._results, ("theta", int(test_idx), float(theta)),
+                              lambda: spectrum_at_theta(self.victims, x, theta))
 
     def kept(self) -> dict[str, int]:
         """How many of each kept object the lab holds now."""
