@@ -200,6 +200,11 @@ def build_parser() -> argparse.ArgumentParser:
     jp.add_argument("--layers", help="comma-separated key layers (default: the model's own defaults)")
     jp.add_argument("--project-dim", type=_positive, help="random-project layers wider than D to D dimensions")
     jp.add_argument("--n", type=_positive, help="test images (default 500 on the CPU, the whole test part on a GPU)")
+    jp.add_argument("--rho", metavar="ATTACKS",
+                    help="comma-separated minimal attacks (fgsm, ifgsm, pixel, blur, hopskipjump): add each image's minimal "
+                         "rho_adv against its own model from the robustness lab's stored runs (same setup and seed; "
+                         "`attack --against M` for each model) as rho_adv_<attack>, and print |J|'s rank correlation "
+                         "with it; computes no attack")
     jp.add_argument("--out", metavar="OUT", help=out_help)
     return p
 
@@ -367,26 +372,41 @@ def cmd_attack(args) -> int:
 
 
 def cmd_jacobian(args) -> int:
-    from .jacobian import CPU_DEFAULT_N, Jacobians, summary
+    from .jacobian import CPU_DEFAULT_N, RHO_ATTACKS, Jacobians, rank_correlations, stored_rho, summary, with_rho
+    from .robustness import PAPER_N
+    from .rows import check_out_path, write_rows
     from .workspace import resolve_device
 
     setup = _setup(args, project_dim=args.project_dim)
+    attacks = [a.lower() for a in _split_list(args.rho or "")]
+    for a in attacks:
+        if a not in RHO_ATTACKS:
+            raise CachevizError(f"--rho takes the robustness lab's minimal attacks: {', '.join(RHO_ATTACKS)}",
+                                param="rho", value=a)
     n = args.n
     if n is None:
         if resolve_device(args.device).type == "cuda":
-            from .data import inspect_classes  # noqa: F401 - the test part's size needs the split
             from .workspace import prepare
 
             n = len(prepare(setup, _data_dir(args), "cpu").split.test_idx)
         else:
             n = CPU_DEFAULT_N
     study = Jacobians(setup, n, args.seed)
-    from .rows import check_out_path, write_rows
-
     if args.out:
         check_out_path(args.out)
     rows = _run(study, args)
-    _print_rows(summary(rows), ["model", "n", "mean_norm", "median_norm"], sys.stderr if args.out == "-" else sys.stdout)
+    out = sys.stderr if args.out == "-" else sys.stdout
+    _print_rows(summary(rows), ["model", "n", "mean_norm", "median_norm"], out)
+    for a in attacks:
+        rho = stored_rho(setup, a, args.seed, _data_dir(args), tuple(dict.fromkeys((n, PAPER_N))))
+        rows = with_rho(rows, a, rho)
+        corr = rank_correlations(rows, a)
+        if corr:
+            _print_rows(corr, ["model", "attack", "n", "spearman", "p_value", "median_norm", "median_rho_adv"], out)
+        else:
+            print(f"No stored {a} runs of this setup and seed share images with these; run `python -m cacheviz "
+                  f"attack --attack {a} --against network` (and cache, cache-only) with the same options first.",
+                  file=sys.stderr)
     if args.out:
         write_rows(rows, args.out)
     return 0

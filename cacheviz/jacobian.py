@@ -12,14 +12,20 @@ checks it against the cache model's own Jacobian).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
+from . import attacks as A
 from .attacks import MODELS, Victims
+from .config import Setup
+from .errors import CachevizError
 from .features import forward_layers
-from .progress import ProgressFn
+from .progress import ProgressFn, Stage
+from .study import Run, Study
 
 
 def _outputs(v: Victims, x: torch.Tensor) -> torch.Tensor:
@@ -84,21 +90,13 @@ def jacobian_stats(v: Victims, x: torch.Tensor, batch: int = 32, progress: Progr
 # ---------------------------------------------------------------------------------------------
 # The study
 
-import math  # noqa: E402
-from dataclasses import dataclass as _dataclass  # noqa: E402
-
-from .config import Setup  # noqa: E402
-from .errors import CachevizError  # noqa: E402
-from .progress import Stage  # noqa: E402
-from .study import Run, Study  # noqa: E402
-
 # Images per batch of Jacobians: 3C backward directions of each are vmapped together.
 JACOBIAN_BATCH = 32
 # Without --n: this many images on the CPU, the whole test part on a GPU.
 CPU_DEFAULT_N = 500
 
 
-@_dataclass(frozen=True)
+@dataclass(frozen=True)
 class Jacobians(Study):
     """Figure 4: per test image and model, the Frobenius norm of J and its C singular values.
     The images are the robustness lab's (`robustness.attack_sample` with the same n and seed), so
@@ -166,6 +164,66 @@ def summary(rows: list[dict]) -> list[dict]:
         sem = sv.std(0, unbiased=True) / math.sqrt(len(rs)) if len(rs) > 1 else torch.zeros(sv.shape[1])
         out.append({"model": m, "n": len(rs), "mean_norm": float(norms.mean()), "median_norm": float(norms.median()),
                     "mean_singular_values": sv.mean(0).tolist(), "sem_singular_values": sem.tolist()})
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Beyond the paper: does a small Jacobian predict a large minimal perturbation?
+
+RHO_ATTACKS = A.MINIMAL_ATTACKS
+
+
+def rho_column(attack: str) -> str:
+    return f"rho_adv_{attack}"
+
+
+def stored_rho(setup: Setup, attack: str, seed: int, data_dir: str | Path, ns: tuple[int, ...],
+               max_age: float = 0.0) -> dict[str, dict[int, float]]:
+    """{model: {test index: minimal rho_adv}} from the robustness lab's stored white-box runs of
+    `attack` (made against each model itself), with this setup and seed; for each model the first
+    of `ns` (numbers of images) that is stored: the lab draws its images as a seeded permutation's
+    first n, so runs with different n share their first images. Images the attack never flipped are left out (no
+    minimal perturbation was found within the search's range). Never computes anything."""
+    from .robustness import Attack, stored_attack_tensors
+
+    out: dict[str, dict[int, float]] = {}
+    for m in MODELS:
+        for n in ns:
+            t = stored_attack_tensors(Attack(setup, attack, m, int(n), int(seed)), data_dir, max_age)
+            if t is None:
+                continue
+            ok = t["success"].bool() & torch.isfinite(t["rho"])
+            out[m] = {int(i): _sig(r) for i, r in zip(t["test_idx"][ok], t["rho"][ok])}
+            break
+    return out
+
+
+def with_rho(rows: list[dict], attack: str, rho: dict[str, dict[int, float]]) -> list[dict]:
+    """Copies of the Jacobian rows with `rho_adv_<attack>`: the image's minimal rho_adv against
+    its own model, None where that is not stored or the attack failed."""
+    col = rho_column(attack)
+    return [{**r, col: rho.get(r["model"], {}).get(int(r["index"]))} for r in rows]
+
+
+def rank_correlations(rows: list[dict], attack: str) -> list[dict]:
+    """Per model: Spearman's rank correlation of |J| with the minimal rho_adv over the images that
+    have both, and its two-sided p-value. The paper's reading predicts a negative one (a smaller
+    Jacobian, a larger perturbation needed)."""
+    from scipy.stats import spearmanr
+
+    col = rho_column(attack)
+    out = []
+    for m in MODELS:
+        pairs = [(r["norm"], r[col]) for r in rows if r["model"] == m and r.get(col) is not None]
+        if len(pairs) < 3:
+            continue
+        norm, rho = (np.asarray(v, dtype=np.float64) for v in zip(*pairs))
+        res = spearmanr(norm, rho)
+        if not np.isfinite(res.statistic):  # one side constant: no ranking to correlate
+            continue
+        out.append({"model": m, "attack": attack, "n": len(pairs), "spearman": _sig(res.statistic),
+                    "p_value": _sig(res.pvalue), "median_norm": _sig(np.median(norm)),
+                    "median_rho_adv": _sig(np.median(rho))})
     return out
 
 

@@ -258,9 +258,9 @@ def attack_study(setup: Setup, attack: str, against: str = "network", n: int = P
     return Attack(setup, attack, against, n, seed, source)
 
 
-def stored_attack_tensors(study: Attack, data_dir: str | Path) -> dict[str, torch.Tensor] | None:
+def stored_attack_tensors(study: Attack, data_dir: str | Path, max_age: float = 0.0) -> dict[str, torch.Tensor] | None:
     from . import store
 
-    key = study.key(data_dir)
+    key = study.key(data_dir, max_age)
     hit = None if key is None else store.load_tensors(study.path(data_dir, key).with_suffix(".safetensors"), key)
     return None if hit is None else hit[0]

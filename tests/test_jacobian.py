@@ -101,3 +101,75 @@ def test_cli_jacobian_rows(data_dir, tmp_path):
         assert {"index", "label", "model", "norm", "singular_values", "theta", "lam"} <= set(r)
         assert len(r["singular_values"]) == 10
         assert r["norm"] == pytest.approx(sum(s * s for s in r["singular_values"]) ** 0.5, rel=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# |J| against the robustness lab's minimal rho_adv
+
+
+def test_rank_correlations_against_hand_computed_spearman():
+    from cacheviz.jacobian import rank_correlations
+
+    # network: |J| ranks 1..5, rho ranks 5..1: perfectly opposite orders
+    rows = [{"index": i, "model": "network", "norm": n, "rho_adv_fgsm": r}
+            for i, (n, r) in enumerate([(0.1, 5.0), (0.2, 4.0), (0.3, 3.0), (0.4, 2.0), (0.5, 1.0)])]
+    # cache: ranks of |J| 1,2,3,4 against rho ranks 2,1,4,3: d = -1,1,-1,1, sum d^2 = 4,
+    # Spearman = 1 - 6 * 4 / (4 * 15) = 0.6
+    rows += [{"index": i, "model": "cache", "norm": n, "rho_adv_fgsm": r}
+             for i, (n, r) in enumerate([(1.0, 0.2), (2.0, 0.1), (3.0, 0.4), (4.0, 0.3)])]
+    # cache-only: an image without rho (the attack failed) is left out, leaving too few
+    rows += [{"index": 0, "model": "cache-only", "norm": 1.0, "rho_adv_fgsm": 0.1},
+             {"index": 1, "model": "cache-only", "norm": 2.0, "rho_adv_fgsm": None},
+             {"index": 2, "model": "cache-only", "norm": 3.0, "rho_adv_fgsm": 0.3}]
+    corr = {c["model"]: c for c in rank_correlations(rows, "fgsm")}
+    assert corr["network"]["spearman"] == pytest.approx(-1.0)
+    assert corr["network"]["n"] == 5 and corr["network"]["median_rho_adv"] == 3.0
+    assert corr["cache"]["spearman"] == pytest.approx(0.6)
+    assert "cache-only" not in corr
+
+
+def test_stored_rho_joins_the_labs_per_image_results(data_dir):
+    """Against real stored attack runs on digits: the joined rho is each image's own, for the
+    images the attack flipped, and a Jacobian run on more images shares the attack's first ones."""
+    from cacheviz.jacobian import Jacobians, stored_rho, with_rho
+    from cacheviz.robustness import Attack, stored_attack_tensors
+
+    setup = Setup()
+    for m in ("network", "cache", "cache-only"):
+        Attack(setup, "fgsm", m, 7, 0).run(data_dir, "cpu")
+    assert stored_rho(setup, "blur", 0, data_dir, (7,)) == {}, "nothing stored for blur"
+    # 13 images were never attacked here (other tests share this data directory: n = 7 is this one's)
+    rho = stored_rho(setup, "fgsm", 0, data_dir, (13, 7))
+    assert set(rho) == {"network", "cache", "cache-only"}
+    t = stored_attack_tensors(Attack(setup, "fgsm", "cache", 7, 0), data_dir)
+    ok = t["success"].bool()
+    assert rho["cache"] == {int(i): pytest.approx(float(r), rel=1e-5) for i, r in zip(t["test_idx"][ok], t["rho"][ok])}
+    assert len(rho["network"]) >= 5, "FGSM flips most digits for the network"
+
+    rows = Jacobians(setup, 13, 0).run(data_dir, "cpu")
+    joined = with_rho(rows, "fgsm", rho)
+    have = [r for r in joined if r["rho_adv_fgsm"] is not None]
+    assert {r["index"] for r in have} <= set(t["test_idx"].tolist()), "the attack's 7 images are the first of 13"
+    assert len({r["index"] for r in joined}) == 13
+    for r in have:
+        assert r["rho_adv_fgsm"] == rho[r["model"]][r["index"]]
+
+
+def test_cli_jacobian_rho_column_and_bad_attack(data_dir, tmp_path, capsys):
+    import json
+
+    from cacheviz.__main__ import main
+    from cacheviz.robustness import Attack
+
+    for m in ("network", "cache", "cache-only"):
+        Attack(Setup(), "fgsm", m, 8, 0).run(data_dir, "cpu")
+    out = tmp_path / "j.json"
+    assert main(["jacobian", "--data-dir", str(data_dir), "--n", "8", "--rho", "fgsm", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "spearman" in printed
+    rows = json.loads(out.read_text())
+    assert all("rho_adv_fgsm" in r for r in rows)
+    assert sum(r["rho_adv_fgsm"] is not None for r in rows) >= 12
+    assert main(["jacobian", "--data-dir", str(data_dir), "--n", "8", "--rho", "deepfool"]) == 2
+    err = capsys.readouterr().err
+    assert "--rho takes the robustness lab's minimal attacks" in err and "Traceback" not in err
