@@ -587,10 +587,56 @@ def fig_jacobian_scatter(rows: list[dict], other: str, height: int = 380) -> go.
                    + " %{y:.3g}<extra></extra>", showlegend=False),
     ])
     fig.update_layout(
-        title=f"|J| per image: network against {other} ({below} of {len(idx)} below the diagonal)",
+        title=f"|J| per image:<br>network against {other} ({below} of {len(idx)} below the diagonal)",
         xaxis=dict(title="|J(x)| network", type="log"), yaxis=dict(title=f"|J(x)| {other}", type="log"),
         height=height, margin=dict(l=10, r=10, t=50, b=10),
     )
+    return fig
+
+
+def fig_norm_vs_rho(rows: list[dict], attack: str, correlations: list[dict] | None = None,
+                    title: str = "", height: int = 420) -> go.Figure:
+    """Beyond the paper: per image and model, |J| against the minimal rho_adv of `attack` against
+    that model (log-log), one colour per model, Spearman's rank correlation in the legend."""
+    col = f"rho_adv_{attack}"
+    corr = {c["model"]: c for c in correlations or []}
+    fig = go.Figure()
+    for m in ROBUST_COLORS:
+        pts = [(r["norm"], r[col], r["index"]) for r in rows
+               if r["model"] == m and r.get(col) is not None and r["norm"] > 0 and r[col] > 0]
+        if not pts:
+            continue
+        x, y, idx = zip(*pts)
+        c = corr.get(m)
+        name = f"{m} (Spearman {c['spearman']:+.2f}, n = {c['n']})" if c else m
+        fig.add_trace(go.Scatter(x=x, y=y, mode="markers", name=name, customdata=idx,
+                                 marker=dict(color=ROBUST_COLORS[m], size=5, opacity=0.6),
+                                 hovertemplate="test #%{customdata}<br>|J| %{x:.3g}<br>ρ_adv %{y:.3g}<extra>" + m
+                                 + "</extra>"))
+    fig.update_layout(title=title or f"|J(x)| against the minimal {attack} ρ_adv of the same image, per model",
+                      xaxis=dict(title="|J(x)| (Frobenius)", type="log"),
+                      yaxis=dict(title=f"minimal ρ_adv ({attack} against that model)", type="log"),
+                      height=height, margin=dict(l=10, r=10, t=50, b=10), legend=dict(orientation="h", y=-0.2))
+    return fig
+
+
+def fig_jacobian_scatter_pair(rows: list[dict], height: int = 420) -> go.Figure:
+    """Figure 4b and 4c side by side (for a static export; the app shows them as two charts)."""
+    from plotly.subplots import make_subplots
+
+    parts = [fig_jacobian_scatter(rows, m) for m in ("cache", "cache-only")]
+    titles = []
+    for m, part in zip(("cache", "cache-only"), parts):
+        x, y = part.data[1].x or (), part.data[1].y or ()
+        titles.append(f"network vs {m}: {sum(b < a for a, b in zip(x, y))} of {len(x)} below")
+    fig = make_subplots(rows=1, cols=2, subplot_titles=titles, horizontal_spacing=0.1)
+    for k, (m, part) in enumerate(zip(("cache", "cache-only"), parts), start=1):
+        for tr in part.data:
+            fig.add_trace(tr, row=1, col=k)
+        fig.update_xaxes(type="log", title_text="|J(x)| network", row=1, col=k)
+        fig.update_yaxes(type="log", title_text=f"|J(x)| {m}", row=1, col=k)
+    fig.update_layout(title="|J| per image (a point below the diagonal: the cache model's Jacobian is smaller)",
+                      height=height, margin=dict(l=10, r=10, t=80, b=10), showlegend=False)
     return fig
 
 

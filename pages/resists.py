@@ -4,7 +4,7 @@ from pathlib import Path
 
 import streamlit as st
 
-from cacheviz import images, plots, retrieval, ui
+from cacheviz import images, plots, ui
 
 ui.ensure_entrypoint(Path(__file__).resolve().parents[1] / "app.py")  # see ui.ensure_entrypoint
 
@@ -18,14 +18,6 @@ nearest stored images the cache retrieves for each.
 
 st.title("Why it resists: the cache's view of an adversarial")
 st.markdown(INTRO)
-
-
-def gallery(ws, ex, truth):
-    classes = ws.ds.classes
-    colors = [plots.MATCH if int(label) == truth else plots.MISMATCH for label in ex.labels]
-    thumbs = ui.thumbnails(retrieval.neighbour_images(ws.ds, ex), colors, size=72)
-    caps = [f"{classes[label]} · σ {sh:.0%}" for label, sh in zip(ex.labels, ex.shares)]
-    st.image(thumbs, caption=caps, width=int(thumbs[0].shape[1]))
 
 
 def verdicts(side, classes):
@@ -85,7 +77,7 @@ with ui.guard("wr"):
                             key=f"wr_probs_{name}")
             st.caption(f"{sd.true_neighbours} of the {len(ex.labels)} nearest stored images are labelled "
                        f"{classes[sd.truth]}; together they hold {ex.shares.sum():.0%} of the similarity mass.")
-            gallery(ws, ex, sd.truth)
+            ui.neighbour_gallery(ws, ex, sd.truth)
     st.info(f"**Does the adversarial still retrieve its true class?** {ui.resist_verdict(cmp, classes)}")
     st.caption(f"θ = {lab.victims.theta:g}, λ = {lab.victims.lam:g} (cache-only θ = {lab.victims.theta_cache_only:g}), "
                f"tuned on validation; keys {', '.join(index.layers)}. Green frame: the true label; red: another. "

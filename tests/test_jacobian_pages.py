@@ -63,6 +63,14 @@ def test_spectrum_at_the_victims_own_theta_is_the_studys(victims):
         spectrum_at_theta(v, x, -1.0)
 
 
+def test_a_click_on_a_scatter_point_names_its_image():
+    ev = {"selection": {"points": [{"customdata": 17, "x": 0.1, "y": 0.2}]}}
+    assert ui.clicked_point([{"selection": {"points": []}}, ev], [3, 17]) == 17
+    assert ui.clicked_point([{"selection": {"points": [{"customdata": [5]}]}}], [5]) == 5
+    assert ui.clicked_point([ev], [3]) is None, "not one of the study's images"
+    assert ui.clicked_point([None, {}, {"selection": {"points": [{"x": 1}]}}], [3]) is None
+
+
 def test_the_explorers_order_and_norms():
     rows = [{"index": 3, "model": "network", "norm": 0.1}, {"index": 5, "model": "network", "norm": 2.0},
             {"index": 5, "model": "cache", "norm": 1.0}]
@@ -135,6 +143,16 @@ def test_jacobian_page_runs_and_explores(env, entry):
     labels = [d.proto.label for d in at.get("download_button")]
     assert "JSON" in labels and "CSV" in labels
 
+    # |J| against the lab's minimal rho_adv: nothing stored yet, so the page offers to run it
+    assert at.selectbox(key="jc_rho_attack").value == "fgsm"
+    at.button(key="jc_rho_fgsm_run").click().run()
+    _until(at, lambda a: any("against the minimal fgsm" in t for t in _titles(a)))
+    _no_problems(at)
+    (corr,) = [d for d in at.dataframe if "Spearman (|J|, ρ_adv)" in d.value.columns]
+    assert set(corr.value["model"]) <= {"network", "cache", "cache-only"} and len(corr.value) >= 1
+    assert ((corr.value["Spearman (|J|, ρ_adv)"] >= -1) & (corr.value["Spearman (|J|, ρ_adv)"] <= 1)).all()
+    titles = _titles(at)
+
     # the explorer: the study's images, the network's largest |J| first, with C heat-maps
     picker = [s for s in at.selectbox if s.key.startswith("jc_img_")][0]
     assert len(picker.options) == 20
@@ -142,6 +160,10 @@ def test_jacobian_page_runs_and_explores(env, entry):
     assert len(heat) == 1 and sum(tr["type"] == "heatmap" for tr in heat[0]["data"]) == 10
     picker.select_index(3).run()
     _no_problems(at)
+    # the image and its 12 neighbours from the cache
+    imgs = [im for el in at.get("image") for im in el.proto.imgs]
+    assert len(imgs) == 1 + ui.NEIGHBOURS
+    assert all(" · σ " in im.caption for im in imgs[1:])
 
     def spectrum(a):
         (f,) = [f for f in _figures(a).values() if "singular values of J" in str(f["layout"].get("title"))]

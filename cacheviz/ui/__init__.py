@@ -16,8 +16,8 @@ the names re-exported here.
 import logging as _logging
 import os as _os
 
-from .jacobian import (THETA_RANGE, by_network_norm, jacobian_cli, jacobian_default_n, jacobian_study,
-                       jacobian_summary, norm_table, norms_of)
+from .jacobian import (RHO_ATTACKS, THETA_RANGE, by_network_norm, clicked_point, correlation_table, jacobian_cli, jacobian_default_n,
+                       jacobian_study, jacobian_summary, norm_table, norms_of, rho_group, rho_rows)
 from .jobs import Job, JobBoard
 from .messages import WIDGETS, markdown_text, message, upload_name
 from .nav import ensure_entrypoint, entrypoint_started, page_config, pages
@@ -25,7 +25,7 @@ from .panels import build_panel, experiment_page, guard, index_job, load_index, 
 from .robustness import (ATTACK_NAMES, CORRUPTIONS, CURVE_ATTACKS, MAX_EPSILON, MAX_SEED, MINIMAL_ATTACKS,
                          MODEL_NAMES, NEIGHBOURS, PAPER_N, RESIST_ATTACKS, ROBUST_MODELS, ROBUST_MODES, attack_cli,
                          attack_strengths, attack_table, attack_verdict, curve_table, eps_in_pixels, parse_strengths,
-                         pixel_scale, resist_lab, resist_verdict, robust_exports, robustness_study, strengths_text,
+                         neighbour_gallery, pixel_scale, resist_lab, resist_verdict, robust_exports, robustness_study, strengths_text,
                          test_part_size, transfer_sources)
 from .resources import decode, image_key, picks, query, result_tag, thumbnails, workspace
 from .state import (CIFAR, CUSTOM, DATASETS, K_DATASET, K_DEVICE, K_FLIP, K_FRACTION, K_LAYERS, K_MODEL,
@@ -62,5 +62,5 @@ __all__ = [
     "attack_table", "attack_verdict", "curve_table", "eps_in_pixels", "parse_strengths", "pixel_scale", "resist_lab",
     "resist_verdict", "robust_exports", "robustness_study", "strengths_text", "test_part_size", "transfer_sources",
     "THETA_RANGE", "by_network_norm", "jacobian_cli", "jacobian_default_n", "jacobian_study", "jacobian_summary",
-    "norm_table", "norms_of",
+    "norm_table", "norms_of", "RHO_ATTACKS", "clicked_point", "correlation_table", "rho_group", "rho_rows", "neighbour_gallery",
 ]

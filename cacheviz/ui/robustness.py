@@ -173,6 +173,19 @@ def resist_lab(choice: Choice, result: dict) -> Lab:
                 float(result["lam"]), float(result["theta_cache_only"]))
 
 
+def neighbour_gallery(ws, ex, truth: int, size: int = 72) -> None:
+    """The cache's nearest stored images for one query, framed green where the label is the
+    image's true one, red elsewhere, each with its label and share of the similarity mass."""
+    from .. import plots, retrieval
+    from .resources import thumbnails
+
+    classes = ws.ds.classes
+    colors = [plots.MATCH if int(label) == truth else plots.MISMATCH for label in ex.labels]
+    thumbs = thumbnails(retrieval.neighbour_images(ws.ds, ex), colors, size=size)
+    caps = [f"{classes[label]} · σ {sh:.0%}" for label, sh in zip(ex.labels, ex.shares)]
+    st.image(thumbs, caption=caps, width=int(thumbs[0].shape[1]))
+
+
 def attack_verdict(c: Comparison, classes: list[str]) -> str:
     who = {"network": "the network", "cache": "the cache model", "cache-only": "the cache-only model"}[c.against]
     was, now = classes[c.target], classes[c.adv.preds[c.against]]
