@@ -140,3 +140,59 @@ def test_robustness_lab_and_why_it_resists_in_chromium(server):
         finally:
             browser.close()
     print(f"\nscreenshots: {shots / 'browser-robustness.png'}, {shot}")
+
+
+def test_jacobians_page_and_explorer_in_chromium(server):
+    """Figure 4 in a real browser: a small run draws the spectrum and both scatters, and a click
+    on a point of the network-against-cache scatter opens that image in the explorer, with its
+    cache neighbours and its per-class heat-maps."""
+    import re
+
+    from playwright.sync_api import sync_playwright
+
+    url, tmp = server
+    shots = Path(os.environ.get("CACHEVIZ_SHOTS_DIR") or tmp)
+    shots.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=_load_harness().CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 2400})
+            page.goto(url)
+            page.get_by_role("button", name="Build cache").click(timeout=60_000)
+            page.get_by_text("Network alone").wait_for(timeout=180_000)
+
+            page.get_by_role("link", name="Jacobians (Fig. 4)").first.click()
+            n_box = page.get_by_role("spinbutton", name="Images (N)")
+            n_box.wait_for(timeout=60_000)
+            n_box.fill("20")
+            n_box.press("Enter")
+            page.get_by_role("button", name="Compute the Jacobians").click(timeout=60_000)
+            page.get_by_text("One image's Jacobian").wait_for(timeout=180_000)
+            picked = re.compile(r"^test #(\d+) · true ")
+            page.get_by_text(picked).first.wait_for(timeout=120_000)
+            first = int(picked.match(page.get_by_text(picked).first.inner_text()).group(1))
+
+            # the scatter of the network against the cache model: click a point other than the
+            # explorer's current image
+            plot = page.locator(".js-plotly-plot", has_text="network against cache (").first
+            plot.scroll_into_view_if_needed()
+            points = plot.locator(".scatterlayer .trace").nth(1).locator("path.point")
+            ids = plot.evaluate("gd => gd.data[1].customdata")
+            k = next(i for i, v in enumerate(ids) if int(v) != first)
+            points.nth(k).click(force=True)
+            deadline = time.time() + 90
+            now = first
+            while time.time() < deadline and now != int(ids[k]):
+                time.sleep(0.5)
+                loc = page.get_by_text(picked)
+                now = int(picked.match(loc.first.inner_text()).group(1)) if loc.count() else now
+            assert now == int(ids[k]), f"clicking test #{ids[k]} left the explorer on #{now}"
+            page.get_by_text("nearest stored images").first.wait_for(timeout=60_000)
+            page.locator(".js-plotly-plot", has_text="per class c").first.wait_for(timeout=120_000)
+            time.sleep(1.0)
+            shot = shots / "browser-jacobians.png"
+            page.screenshot(path=str(shot), full_page=True)
+            assert page.get_by_text("Traceback").count() == 0
+        finally:
+            browser.close()
+    print(f"\nscreenshot: {shot}")
