@@ -1,6 +1,6 @@
 """Speed and memory goals of the engine, as ratios against limits measured in the same run.
 
-    python benchmarks/run.py [--device cpu|cuda] [--quick] [--only abcdefg] [--update-readme]
+    python benchmarks/run.py [--device cpu|cuda] [--quick] [--only abcdefghi] [--update-readme]
     python benchmarks/run.py --table-only [--update-readme]
 
 Every timed benchmark runs 5 times, alternating with the limit it is set against (also run 5
@@ -50,7 +50,16 @@ run; results are written after each benchmark (--results DIR puts them elsewhere
     product for them all). Goal <= 1.5x. Then the whole Table 2 (FGSM, I-FGSM, single pixel,
     blur) once, goal <= 15 min on the CPU and <= 1 min on one GPU.
 
-(c), (d), (e), (h) need the shared CIFAR-10 and ResNet20 checkpoint (../shared, or --shared DIR);
+(i) Figure 4's Jacobians of 1,000 CIFAR-10 test images (100 with --quick) for the three ResNet20
+    models (`jacobian.jacobian_stats`: J, norms and all C singular values; theta, lam from the
+    stored `Evaluate`, computed first, untimed) against a lower bound measured in the same run:
+    per batch of images one forward pass with the similarity GEMMs (what the three models' outputs
+    need) and 3C plain batched backward passes, one per output of each model (the three models'
+    probability vectors are three different functions of x: C vector-Jacobian products each).
+    One warm-up batch each, then 1 run each on the CPU (about 6 minutes a run), 3 alternating
+    on CUDA. Goal <= 2x. On CUDA also the whole test part once: goal <= 2 minutes.
+
+(c), (d), (e), (h), (i) need the shared CIFAR-10 and ResNet20 checkpoint (../shared, or --shared DIR);
 without them, (a), (b) and (f) run on random images with a randomly initialised ResNet20, which
 costs the same. The data directory is a fresh temporary one (or --data-dir, reused) holding a
 link to the shared CIFAR-10 and a copy of the checkpoint; the dataset is decoded into it once,
@@ -99,7 +108,7 @@ REPS = 5
 BATCH = 256  # the engine's default batch size
 CKPT = "resnet20-12fca82f.th"
 MARKER = ".cacheviz-benchmark"  # marks a data directory this script made (it deletes features/ there)
-LETTERS = "abcdefgh"
+LETTERS = "abcdefghi"
 # --quick: tiny caches and test sets for (c), (d), (e)
 QUICK_LIMITS = {"train_limit": 2000, "test_limit": 1000}
 SWEEP_DIM = 1024  # (d): the CLI's default --project-dim for sweep-layers
@@ -573,6 +582,53 @@ def bench_attacks(data_dir: Path, device, quick: bool) -> dict:
     return out
 
 
+I_GOAL = 2.0
+I_WHOLE_GOAL_S = 120.0  # the whole test part on one GPU
+
+
+def bench_jacobians(data_dir: Path, device, quick: bool) -> dict:
+    from cacheviz.attacks import fp32
+    from cacheviz.jacobian import JACOBIAN_BATCH, _outputs, jacobian_stats
+    from cacheviz.progress import Silent
+    from cacheviz.robustness import attack_sample, load_victims
+    from cacheviz.study import Run
+
+    setup = Setup(dataset="cifar10", model="resnet20", **(QUICK_LIMITS if quick else {}))
+    n = 100 if quick else 1000
+    run = Run(data_dir, device, BATCH, Silent())
+    with fp32():
+        ws, v, _ = load_victims(setup, run)
+    test_idx = ws.split.test_idx
+    x = ws.spec.preprocess(ws.ds.test_x[attack_sample(test_idx, n, 0)].to(v.device))
+    c = len(ws.ds.classes)
+    batch = JACOBIAN_BATCH
+
+    def ours(xs=x):
+        with fp32():
+            jacobian_stats(v, xs, batch=batch)
+
+    def bound(xs=x):
+        with fp32():
+            for s in range(0, len(xs), batch):
+                xb = xs[s:s + batch].detach().requires_grad_(True)
+                with torch.enable_grad():
+                    flat = _outputs(v, xb).reshape(len(xb), -1)  # (B, 3C)
+                    for k in range(flat.shape[1]):
+                        torch.autograd.grad(flat[:, k].sum(), xb, retain_graph=k < flat.shape[1] - 1)
+
+    cuda = is_cuda(device)
+    ours(x[:batch])  # warm-up: one batch each
+    bound(x[:batch])
+    t = alternate({"ours": ours, "bound": bound}, device, reps=3 if cuda else 1, warmup=False)
+    out = {"model": ws.spec.name, "layers": v.layers, "n": n, "classes": c, "n_cache": len(v.memory),
+           "key_dim": v.memory.dim, "batch": batch, "backward_per_image": 3 * c,
+           **compare(t["ours"], t["bound"], I_GOAL)}
+    if cuda and not quick:
+        xall = ws.spec.preprocess(ws.ds.test_x[test_idx].to(v.device))
+        out["whole"] = {"n": len(xall), "seconds": clock(lambda: ours(xall), device), "goal_s": I_WHOLE_GOAL_S}
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # The README table
 
@@ -689,6 +745,17 @@ def table(res: dict) -> str:
         parts = ", ".join(f"{k} {fmt_s(t)}" for k, t in h["table2_s"].items())
         rows.append(f"| (h) the whole Table 2 (four attacks x three models), {h['n']} images, once | {fmt_s(tot)} "
                     f"({parts}) | goal {fmt_s(h['table2_goal_s'])} | {tot / h['table2_goal_s']:.2f} | <= 1 |")
+    i = res.get("i")
+    if i:
+        rows.append(f"| (i) Figure 4: Jacobians (all {i['classes']} singular values) of {i['n']:,} test images for the "
+                    f"three {i['model']} models ({i['n_cache']:,} keys x {i['key_dim']:,}-d), "
+                    f"{len(i['time']['runs'])} run{'s' if len(i['time']['runs']) > 1 else ''} | {spread(i['time'])} "
+                    f"| one forward with the similarity GEMMs + {i['backward_per_image']} plain backward passes per "
+                    f"image, batched: {fmt_s(i['limit']['median'])} | {ratio_cell(i)} | <= {i['goal']}x |")
+        w = i.get("whole")
+        if w:
+            rows.append(f"| (i) Jacobians of the whole test part ({w['n']:,} images), once | {fmt_s(w['seconds'])} "
+                        f"| goal {fmt_s(w['goal_s'])} | {w['seconds'] / w['goal_s']:.2f} | <= 1 |")
     e = res.get("e")
     if e:
         rows.append("")
@@ -760,7 +827,7 @@ def main() -> int:
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the engine runs (default cpu)")
     ap.add_argument("--quick", action="store_true",
                     help="smoke run: 5 runs of tiny sizes; writes results/quick*.json, never the README")
-    ap.add_argument("--only", help="which benchmarks to run, e.g. ab (default abcdefgh; on cuda abcdfgh)")
+    ap.add_argument("--only", help="which benchmarks to run, e.g. ab (default abcdefghi; on cuda abcdfghi)")
     ap.add_argument("--update-readme", action="store_true", help="rewrite the table between the README's bench markers")
     ap.add_argument("--table-only", action="store_true", help="rebuild the table from results/latest*.json")
     ap.add_argument("--shared", help="folder with data/cifar10 and weights/ (default ../shared)")
@@ -789,7 +856,7 @@ def main() -> int:
         print(f"benchmarks/run.py: --device cuda needs a GPU that torch {torch.__version__} can use, and this "
               "machine has none; run without --device here, or on a machine with an NVIDIA GPU.", file=sys.stderr)
         return 2
-    only = args.only if args.only is not None else ("abcdfgh" if args.device == "cuda" else LETTERS)
+    only = args.only if args.only is not None else ("abcdfghi" if args.device == "cuda" else LETTERS)
     if not only or set(only) - set(LETTERS):
         print(f"benchmarks/run.py: --only takes letters from {LETTERS}, e.g. --only ab; got {only!r}.", file=sys.stderr)
         return 2
@@ -870,6 +937,8 @@ def main() -> int:
             bench("g", lambda: bench_key_sets(data_dir, device, real, quick))
         if "h" in only and real:
             bench("h", lambda: bench_attacks(data_dir, device, quick))
+        if "i" in only and real:
+            bench("i", lambda: bench_jacobians(data_dir, device, quick))
     save()
     res = load_results(name) if (RESULTS / name).exists() else res
     md = res.get("table") or table(res)
