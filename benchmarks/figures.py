@@ -8,7 +8,10 @@
 
 writes layer-sweep.png (Figure 2, every --layers file overlaid) and size-sweep.png (Figure 3);
 --table1 t.json adds table1.png; --curves a.json b.json ... draws strength curves (rows of
-`attack --epsilons ... --out X.json`) as one grid, robustness-curves.png (--curves-name). Rows are the JSON lists that `--out X.json` writes.
+`attack --epsilons ... --out X.json`) as one grid, robustness-curves.png (--curves-name);
+--jacobian j.json (rows of `jacobian --out j.json`, optionally with `--rho A`) draws Figure 4:
+jacobian-spectrum.png (4a), jacobian-scatter.png (4b, 4c) and, for each rho_adv_<A> column,
+jacobian-rho-<A>.png. Rows are the JSON lists that `--out X.json` writes.
 Needs kaleido and a local Chrome/Chromium (see cacheviz.plots.fig_to_png); exit status 2 with
 one sentence when something is missing.
 """
@@ -50,11 +53,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--curves", nargs="*", default=[], metavar="JSON",
                    help="attack --epsilons rows, one file per curve, drawn as one grid of panels")
     p.add_argument("--curves-name", default="robustness-curves.png", help="file name of the --curves grid")
+    p.add_argument("--jacobian", metavar="JSON", help="jacobian rows: Figure 4 (and |J| against rho_adv)")
     p.add_argument("--out-dir", default="docs/figures", help="where the PNGs go (default docs/figures)")
     p.add_argument("--width", type=int, default=900, help="figure width in layout pixels (PNG at 2x)")
     args = p.parse_args(argv)
-    if not (args.layers or args.sizes or args.table1 or args.curves):
-        p.error("give --layers, --sizes, --table1 and/or --curves")
+    if not (args.layers or args.sizes or args.table1 or args.curves or args.jacobian):
+        p.error("give --layers, --sizes, --table1, --curves and/or --jacobian")
     try:
         out = Path(args.out_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -71,6 +75,17 @@ def main(argv: list[str] | None = None) -> int:
         if args.curves:
             panels = [read_rows(f, {"attack", "against", "model", "epsilon", "accuracy", "sem", "n"}) for f in args.curves]
             written.append(write_png(plots.fig_curve_grid(panels), out / args.curves_name, args.width))
+        if args.jacobian:
+            from cacheviz.jacobian import RHO_ATTACKS, rank_correlations, summary
+
+            rows = read_rows(args.jacobian, {"index", "model", "norm", "singular_values"})
+            written.append(write_png(plots.fig_jacobian_spectrum(summary(rows)), out / "jacobian-spectrum.png",
+                                     args.width))
+            written.append(write_png(plots.fig_jacobian_scatter_pair(rows), out / "jacobian-scatter.png", args.width))
+            for a in RHO_ATTACKS:
+                if any(r.get(f"rho_adv_{a}") is not None for r in rows):
+                    fig = plots.fig_norm_vs_rho(rows, a, rank_correlations(rows, a))
+                    written.append(write_png(fig, out / f"jacobian-rho-{a}.png", args.width))
     except CachevizError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
