@@ -61,3 +61,21 @@ def test_resnet20_cache_resists_the_networks_fgsm_adversarials(cifar_dir):
     assert by["cache"]["accuracy"] > by["network"]["accuracy"] + 0.3
     assert by["cache-only"]["accuracy"] > by["network"]["accuracy"] + 0.3
     assert 0.001 < by["network"]["rho_adv"] < 0.05  # the paper's FGSM: 0.014
+
+
+def test_resnet20_jacobians_as_the_readme_says(cifar_dir):
+    """Figure 4 on real data (the README's reading, on 60 images): the network's softmax is
+    saturated on most images, so its median |J| is far below the cache models'; the C-th
+    singular value is zero up to rounding (rows of J sum to zero)."""
+    from cacheviz.jacobian import Jacobians, summary
+
+    rows = Jacobians(Setup(dataset="cifar10", model="resnet20", layers=("layer3.0",)), n=60, seed=0).run(
+        cifar_dir, device="cpu")
+    by = {s["model"]: s for s in summary(rows)}
+    assert by["network"]["n"] == 60
+    assert by["cache"]["median_norm"] > 5 * by["network"]["median_norm"]
+    assert by["cache-only"]["median_norm"] > 5 * by["network"]["median_norm"]
+    for m, s in by.items():
+        sv = s["mean_singular_values"]
+        assert len(sv) == 10 and sv == sorted(sv, reverse=True), m
+        assert sv[-1] < 1e-4 * sv[0], m

@@ -114,3 +114,23 @@ def test_attacks_on_cuda_give_the_cpus_answers(data_dir):
         both = cpu.success & gpu.success
         close = torch.isclose(cpu.strength[both], gpu.strength[both], rtol=0.02)
         assert float(close.float().mean()) >= 0.9, k
+
+
+def test_jacobians_on_cuda_give_the_cpus(data_dir):
+    """Figure 4 on the GPU: the cache's keys on the device, the same norms and spectra."""
+    from cacheviz.attacks import fp32
+    from cacheviz.jacobian import jacobian_stats
+    from cacheviz.progress import Silent
+    from cacheviz.robustness import attack_sample, load_victims
+    from cacheviz.study import Run
+
+    out = {}
+    for dev in ("cpu", "cuda"):
+        ws, v, _ = load_victims(Setup(), Run(data_dir, dev, 256, Silent()))
+        x = ws.spec.preprocess(ws.ds.test_x[attack_sample(ws.split.test_idx, 40, 0)]).to(v.device)
+        with fp32():
+            out[dev], _ = jacobian_stats(v, x, batch=16)
+    for m in ("network", "cache", "cache-only"):
+        cpu, gpu = out["cpu"], out["cuda"]
+        assert torch.allclose(cpu.norms[m], gpu.norms[m], rtol=1e-3, atol=1e-7), m
+        assert torch.allclose(cpu.singular_values[m][:, :3], gpu.singular_values[m][:, :3], rtol=1e-3, atol=1e-7), m
