@@ -188,6 +188,45 @@ def load_tensors(
     return tensors, meta
 
 
+def touch(path: str | os.PathLike) -> None:
+    """Mark a stored file as just used, so least-recently-used pruning keeps it."""
+    try:
+        os.utime(path)
+    except OSError:  # read-only or already pruned by another process: nothing to keep
+        pass
+
+
+def prune_lru(folder: str | os.PathLike, budget_bytes: int, keep: set[str] | frozenset = frozenset(),
+              pattern: str = "*.safetensors") -> list[str]:
+    """Delete the least recently used files in `folder` until they fit `budget_bytes`.
+
+    A derived store (features) must not grow until it fills the disk. Files in `keep` (just
+    written) stay even over budget. Deleting a file another process is reading is safe here:
+    an open file stays readable, and a reader that finds it gone rebuilds it.
+    """
+    files = []
+    for f in Path(folder).glob(pattern):
+        try:
+            st = f.stat()
+        except OSError:
+            continue
+        files.append((st.st_mtime, st.st_size, f))
+    total = sum(size for _, size, _ in files)
+    removed = []
+    for _, size, f in sorted(files, key=lambda t: t[0]):
+        if total <= budget_bytes:
+            break
+        if str(f) in keep:
+            continue
+        try:
+            f.unlink()
+        except OSError:
+            continue
+        total -= size
+        removed.append(f.name)
+    return removed
+
+
 def _json_sha256(obj: Any) -> str:
     blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode()
     return hashlib.sha256(blob).hexdigest()

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +30,11 @@ from .tuning import accuracy
 # Feature files on a GPU are written only when extracting took longer than writing would
 # (at this many bytes per second): re-extracting there is usually cheaper than disk.
 WRITE_BYTES_PER_S = 1e9
+# Stored features are a cache of extraction, not results: they stay within this many bytes
+# (least recently used go first; CACHEVIZ_FEATURE_BUDGET_GB overrides) and within half of the
+# disk's free space, and are not written at all when the disk is nearly full.
+FEATURE_BUDGET_BYTES = int(float(os.environ.get("CACHEVIZ_FEATURE_BUDGET_GB", "16")) * 2**30)
+DISK_RESERVE_BYTES = 2 * 2**30
 # Share of a GPU's free memory one study's features may take before they live on the host.
 DEVICE_FEATURE_SHARE = 0.5
 # Larger batches buy no speed and can exhaust memory (a whole dataset's activations at once).
@@ -126,6 +133,7 @@ class Workspace:
             metas[layer] = meta
             hit = store.load_tensors(self._feature_path(layer, meta), expect_meta=meta)
             if hit is not None:
+                store.touch(self._feature_path(layer, meta))
                 out[layer] = hit[0]["x"].to(out_device)
         missing = [l for l in layers if l not in out]
         if missing:
@@ -139,12 +147,26 @@ class Workspace:
             seconds = time.perf_counter() - t0
             n_bytes = sum(x.numel() * 4 for x in got.values())
             if self.device.type == "cpu" or seconds > n_bytes / WRITE_BYTES_PER_S:
-                for layer, x in got.items():
-                    store.save_tensors(self._feature_path(layer, metas[layer]), {"x": x}, metas[layer])
+                self._store_features(got, metas, n_bytes)
             out.update(got)
         elif progress:
             progress(len(idx), len(idx), "features loaded from the store")
         return out
+
+    def _store_features(self, got: dict[str, torch.Tensor], metas: dict, n_bytes: int) -> None:
+        folder = self.data_dir / "features"
+        folder.mkdir(parents=True, exist_ok=True)
+        if shutil.disk_usage(folder).free - n_bytes < DISK_RESERVE_BYTES:
+            warnings.warn(
+                f"features not stored: the disk under {folder} is nearly full "
+                "(free some space to reuse features across studies)", stacklevel=3)
+            return
+        paths = {layer: self._feature_path(layer, metas[layer]) for layer in got}
+        for layer, x in got.items():
+            store.save_tensors(paths[layer], {"x": x}, metas[layer])
+        stored = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+        budget = min(FEATURE_BUDGET_BYTES, (shutil.disk_usage(folder).free + stored) // 2)
+        store.prune_lru(folder, budget, keep={str(p) for p in paths.values()})
 
     def _feature_path(self, layer: str, meta: dict) -> Path:
         slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{self.spec.name}-{layer}")

@@ -89,3 +89,40 @@ def test_corrupt_json_is_reported(tmp_path):
 def test_config_hash_is_order_independent():
     assert store.config_hash({"a": 1, "b": [1, 2]}) == store.config_hash({"b": [1, 2], "a": 1})
     assert store.config_hash({"a": 1}) != store.config_hash({"a": 2})
+
+
+def test_prune_lru_removes_least_recently_used_first(tmp_path):
+    paths = []
+    for i in range(4):
+        p = tmp_path / f"f{i}.safetensors"
+        store.save_tensors(p, {"x": torch.zeros(1000)}, {"i": i})
+        os.utime(p, (1000 + i, 1000 + i))
+        paths.append(p)
+    size = paths[0].stat().st_size
+    store.touch(paths[0])  # used just now: the newest
+    removed = store.prune_lru(tmp_path, 2 * size, keep={str(paths[1])})
+    assert removed == ["f2.safetensors", "f3.safetensors"]
+    assert paths[0].exists() and paths[1].exists()
+    assert not paths[2].exists() and not paths[3].exists()
+
+
+def test_feature_store_stays_within_its_budget(tmp_path, monkeypatch):
+    """Features are a cache: a long series of studies must not fill the disk."""
+    from cacheviz import workspace
+    from cacheviz.config import Setup
+
+    ws = workspace.prepare(Setup(dataset="digits", model="digits-cnn", layers=("pool", "relu3")), tmp_path, "cpu")
+    idx = torch.arange(200)
+    ws.features("train", idx, ["pool"])
+    old = next((tmp_path / "features").glob("*.safetensors"))
+    os.utime(old, (1000, 1000))
+    monkeypatch.setattr(workspace, "FEATURE_BUDGET_BYTES", 1)
+    ws.features("train", idx, ["relu3"])
+    left = list((tmp_path / "features").glob("*.safetensors"))
+    assert old not in left and len(left) == 1 and "relu3" in left[0].name
+    # a full disk: features are still served, just not stored
+    monkeypatch.setattr(workspace, "DISK_RESERVE_BYTES", 2**62)
+    with pytest.warns(UserWarning, match="nearly full"):
+        got = ws.features("test", idx, ["pool"])
+    assert got["pool"].shape[0] == 200
+    assert len(list((tmp_path / "features").glob("*.safetensors"))) == 1
