@@ -30,7 +30,7 @@ FLAGS = {
     "project_dim": "--project-dim", "batch_size": "--batch-size", "seed": "--seed", "fractions": "--fractions",
     "seeds": "--seeds", "combine_top": "--combine-top", "out": "--out", "json": "--json", "theta": "theta",
     "lam": "lam", "data_dir": "--data-dir", "attack": "--attack", "against": "--against", "n": "--n",
-    "epsilons": "--epsilons", "source_model": "--source-model",
+    "epsilons": "--epsilons", "source_model": "--source-model", "taus": "--taus", "timing_images": "--timing-images",
 }
 
 TABLE_ROWS = [
@@ -165,6 +165,19 @@ def build_parser() -> argparse.ArgumentParser:
     sl.add_argument("--exact", action="store_true", help="exact keys: no projection (needs much more memory)")
     sl.add_argument("--retune", action="store_true", help="tune theta and lam per layer instead of the middle values")
     sl.add_argument("--out", metavar="OUT", help=out_help)
+
+    ea = sub.add_parser("early", parents=[exp], help="answer early: truncated and gated caches inside the network")
+    ea.add_argument("--layers", help="comma-separated exit layers (default: the chain's steps from l/L = 0.6 on, "
+                                     "before the pooling; ResNet20: layer2.2, layer3.0, layer3.1, layer3.2)")
+    ea.add_argument("--fractions", default="0.005,0.025,0.1,1",
+                    help="cache sizes as fractions of the training set (class-balanced; default 0.005,0.025,0.1,1)")
+    ea.add_argument("--taus", default="0.5,0.8,0.9,0.95,0.99",
+                    help="thresholds on max p_mem for the gated exit (default 0.5,0.8,0.9,0.95,0.99)")
+    ea.add_argument("--mix", action="store_true",
+                    help="images that do not exit answer with the cache model's p (the paper's mixture), not p_net")
+    ea.add_argument("--timing-images", type=_positive, default=1000, help="test images timed (default 1000)")
+    ea.add_argument("--reps", type=_positive, default=3, help="timed runs of each model, median taken (default 3)")
+    ea.add_argument("--out", metavar="OUT", help=out_help)
 
     ss = sub.add_parser("sweep-size", parents=[exp], help="Figure 3: accuracy against cache size")
     ss.add_argument("--layers", help="comma-separated key layers (default: the model's own defaults)")
@@ -347,6 +360,18 @@ def cmd_sweep_size(args) -> int:
                                    "gain", "theta", "lam"])
 
 
+def cmd_early(args) -> int:
+    from .early import Early
+
+    exits = tuple(_split_list(args.layers))
+    args.layers = None  # exit layers, not the setup's key layers
+    study = Early(_setup(args), layers=exits, fractions=tuple(_numbers(args.fractions, "fractions")),
+                  taus=tuple(_numbers(args.taus, "taus")), mix=args.mix, timing_images=args.timing_images,
+                  reps=args.reps)
+    return _run_rows(study, args, ["layer", "cache_fraction", "tau", "mode", "accuracy", "ms_per_image", "exit_share",
+                                   "speedup"])
+
+
 def cmd_table1(args) -> int:
     from .sweeps import table1_group
 
@@ -458,7 +483,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     commands = {"layers": cmd_layers, "models": cmd_models, "evaluate": cmd_evaluate,
                 "sweep-layers": cmd_sweep_layers, "sweep-size": cmd_sweep_size, "table1": cmd_table1, "attack": cmd_attack,
-                "jacobian": cmd_jacobian}
+                "jacobian": cmd_jacobian, "early": cmd_early}
     shown = warnings.showwarning
     warnings.showwarning = _show_warning  # a damaged stored file: one line, not a source listing
     try:

@@ -20,6 +20,7 @@ import pickle
 import re
 import urllib.error
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -189,6 +190,24 @@ class CifarResNet(nn.Module):
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.layer3(self.layer2(self.layer1(out)))
         return self.linear(torch.flatten(self.avgpool(out), 1))
+
+
+def segments(net: nn.Module) -> list[tuple[str, Callable[[torch.Tensor], torch.Tensor]]] | None:
+    """The network as a chain of named steps, each taking the previous step's output: a forward
+    pass can stop after any step and later resume from its output (answering early). Names are
+    the tappable layers the steps end at; the last is `logits`. None for architectures without
+    such a chain (torchvision models: their forward is not written as one here)."""
+    if isinstance(net, CifarResNet):
+        steps: list = [("relu", lambda x: net.relu(net.bn1(net.conv1(x))))]
+        for s, stage in enumerate((net.layer1, net.layer2, net.layer3), start=1):
+            steps += [(f"layer{s}.{b}", block) for b, block in enumerate(stage)]
+        steps += [("avgpool", net.avgpool), ("logits", lambda a: net.linear(torch.flatten(a, 1)))]
+        return steps
+    if isinstance(net, DigitsCNN):
+        return [("relu1", lambda x: net.relu1(net.conv1(x))), ("relu2", lambda a: net.relu2(net.conv2(a))),
+                ("pool", net.pool), ("relu3", lambda a: net.relu3(net.fc1(torch.flatten(a, 1)))),
+                ("logits", net.fc2)]
+    return None
 
 
 def _blocks_per_stage(depth: int) -> int:

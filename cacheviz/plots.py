@@ -671,4 +671,55 @@ def fig_singular_values(series: Mapping[str, Sequence[float]], title: str = "", 
     fig.update_layout(title=title, xaxis=dict(title="singular value index", dtick=1),
                       yaxis=dict(title="singular value", type="log"), height=height,
                       margin=dict(l=10, r=10, t=50, b=10), legend=dict(orientation="h", y=-0.25))
+# ---------------------------------------------------------------------------------------------
+# Answering early (seed 003)
+
+
+def fig_early_frontier(rows: list[dict], tau: float | None = None, height: int = 460) -> go.Figure:
+    """Accuracy against measured time per image: one point per exit layer x cache size for the
+    truncated models (marker size grows with the cache), the gated exits (and cascades) at `tau`
+    as diamonds, the full network as a star with its accuracy as a dashed line; hover names the
+    configuration."""
+    full = next((r for r in rows if r["layer"] == "full"), None)
+    fig = go.Figure()
+    layers = list(dict.fromkeys(r["layer"] for r in rows if r["mode"] == "truncated"))
+    fracs = sorted({r["cache_fraction"] for r in rows if r["cache_fraction"] is not None})
+    size = {f: 7 + 4 * i for i, f in enumerate(fracs)}
+    for k, layer in enumerate(layers):
+        color = MODEL_COLORS[k % len(MODEL_COLORS)]
+        for mode, symbol, dash in (("truncated", "circle", "dot"), ("gated", "diamond", "solid")):
+            pts = [r for r in rows if r["layer"] == layer and r["mode"] == mode
+                   and (mode == "truncated" or (tau is not None and r["tau"] == tau))]
+            if not pts:
+                continue
+            pts.sort(key=lambda r: r["cache_fraction"])
+            fig.add_trace(go.Scatter(
+                x=[r["ms_per_image"] for r in pts], y=[100 * r["accuracy"] for r in pts], mode="lines+markers",
+                name=f"{layer} · {'truncated' if mode == 'truncated' else f'gated, τ = {tau:g}'}",
+                line=dict(color=color, dash=dash, width=1), marker=dict(color=color, symbol=symbol,
+                                                                         size=[size[r['cache_fraction']] for r in pts]),
+                customdata=[[_pct(r["cache_fraction"]), r["n_cache"], 100 * r["exit_share"]] for r in pts],
+                hovertemplate=f"<b>{layer}</b> ({mode})<br>cache %{{customdata[0]}} · %{{customdata[1]:,}} items"
+                              "<br>%{y:.1f}% · %{x:.3g} ms/image<br>exit early: %{customdata[2]:.0f}%<extra></extra>"))
+    casc = [r for r in rows if r["mode"] == "cascade" and tau is not None and r["tau"] == tau]
+    if casc:
+        casc.sort(key=lambda r: r["cache_fraction"])
+        fig.add_trace(go.Scatter(
+            x=[r["ms_per_image"] for r in casc], y=[100 * r["accuracy"] for r in casc], mode="lines+markers",
+            name=f"cascade {casc[0]['layer']}, τ = {tau:g}", line=dict(color="#333", width=1),
+            marker=dict(symbol="square", color="#333", size=[size[r["cache_fraction"]] for r in casc]),
+            customdata=[[_pct(r["cache_fraction"]), 100 * r["exit_share"]] for r in casc],
+            hovertemplate="<b>cascade</b><br>cache %{customdata[0]}<br>%{y:.1f}% · %{x:.3g} ms/image"
+                          "<br>exit early: %{customdata[1]:.0f}%<extra></extra>"))
+    if full:
+        fig.add_trace(go.Scatter(x=[full["ms_per_image"]], y=[100 * full["accuracy"]], mode="markers",
+                                 name="full network", marker=dict(symbol="star", size=16, color=COLORS["p_net"]),
+                                 hovertemplate="<b>full network</b><br>%{y:.1f}% · %{x:.3g} ms/image<extra></extra>"))
+        fig.add_hline(y=100 * full["accuracy"], line=dict(color=COLORS["p_net"], dash="dash", width=1))
+        fig.add_vline(x=full["ms_per_image"], line=dict(color=COLORS["p_net"], dash="dash", width=1))
+    fig.update_layout(
+        title="Answering early: accuracy against measured time per image (left of the dashed line: faster than "
+              "the network)", xaxis=dict(title="ms per image (measured)", type="log"),
+        yaxis=dict(title="test accuracy (%)"), height=height, margin=dict(l=10, r=10, t=50, b=10),
+        legend=dict(orientation="v", font=dict(size=10)))
     return fig

@@ -9,6 +9,7 @@
     nav        page config, navigation, the entry-script guard
     robustness the robustness lab's studies and tables, and the "Why it resists" view's models
     jacobian   the Jacobians page (Figure 4): its study, |J| table, command line, explorer order
+    early      the "Answer early" page: its study, exit layers, tables at one tau, command line
 
 Pages read widgets, build a study, look it up or run it through `panels`, and draw; they use
 the names re-exported here.
@@ -16,6 +17,7 @@ the names re-exported here.
 import logging as _logging
 import os as _os
 
+from .early import early_cli, early_layers, early_study, early_table, faster_within
 from .jacobian import (RHO_ATTACKS, THETA_RANGE, by_network_norm, clicked_point, correlation_table, jacobian_cli, jacobian_default_n,
                        jacobian_study, jacobian_summary, norm_table, norms_of, rho_group, rho_rows)
 from .jobs import Job, JobBoard
@@ -48,6 +50,7 @@ if not _log.handlers:
     _log.propagate = False
 
 __all__ = [
+    "early_cli", "early_layers", "early_study", "early_table", "faster_within",
     "Job", "JobBoard", "WIDGETS", "message", "markdown_text", "upload_name", "ensure_entrypoint", "entrypoint_started", "page_config", "pages",
     "build_panel", "experiment_page", "guard", "index_job", "load_index", "show_problem", "study_panel", "decode", "image_key",
     "picks", "query", "result_tag", "thumbnails", "workspace", "CIFAR", "CUSTOM", "DATASETS", "K_DATASET",

@@ -55,4 +55,7 @@ def pages(root: str | Path) -> dict[str, list]:
             st.Page(pg / "resists.py", title="Why it resists", icon=":material/psychology:"),
             st.Page(pg / "jacobian.py", title="Jacobians (Fig. 4)", icon=":material/grain:"),
         ],
+        "Speed": [
+            st.Page(pg / "early.py", title="Answer early", icon=":material/bolt:"),
+        ],
     }

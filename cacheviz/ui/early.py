@@ -1,0 +1,65 @@
+"""The "Answer early" page's helpers: its study from the sidebar's choice, the exit layers a model
+offers, the tables at one tau, and the command line."""
+from __future__ import annotations
+
+import functools
+
+from ..config import Setup
+from ..early import DEFAULT_FRACTIONS, DEFAULT_TAUS, TIMING_IMAGES, Early, exit_choices, frontier
+from .state import Choice
+from .tables import pct
+
+
+@functools.lru_cache(maxsize=16)
+def early_layers(model: str) -> tuple[list[str], list[str]]:
+    """(the exit layers `model` offers, the default ones): the steps a pass can stop after and resume from."""
+    return exit_choices(model)
+
+
+def early_study(choice: Choice, layers, fractions, taus, mix: bool, timing_images: int) -> Early:
+    return Early(choice.setup.replace(layers=()), layers=tuple(layers), fractions=tuple(fractions),
+                 taus=tuple(taus), mix=bool(mix), timing_images=int(timing_images))
+
+
+def early_table(rows: list[dict], tau: float | None) -> list[dict]:
+    """The full network, every truncated model and, at `tau`, every gated exit and cascade:
+    accuracy, measured ms per image, the speed-up against the full network timed beside it."""
+    keep = [r for r in rows if r["mode"] in ("full", "truncated") or r["tau"] == tau]
+    best = {id(r) for r in frontier(keep)}
+    full = next((r for r in rows if r["mode"] == "full"), None)
+    out = []
+    for r in keep:
+        out.append({"model": r["mode"] if r["mode"] != "gated" else f"gated, τ = {tau:g}", "exit layer": r["layer"],
+                    "cache (% of training set)": pct(r["cache_fraction"]), "cache items": r["n_cache"] or None,
+                    "accuracy (%)": pct(r["accuracy"]),
+                    "vs network (points)": None if full is None else round(100 * (r["accuracy"] - full["accuracy"]), 2),
+                    "ms / image": r["ms_per_image"], "speed-up": r["speedup"],
+                    "exits early (%)": pct(r["exit_share"]), "on the frontier": id(r) in best})
+    return out
+
+
+def faster_within(rows: list[dict], points: float = 1.0) -> list[dict]:
+    """Configurations faster than the full network (speed-up > 1) at most `points` below its accuracy."""
+    full = next((r for r in rows if r["mode"] == "full"), None)
+    if full is None:
+        return []
+    return sorted((r for r in rows if r["mode"] != "full" and r["speedup"] > 1
+                   and 100 * (full["accuracy"] - r["accuracy"]) <= points), key=lambda r: -r["speedup"])
+
+
+def early_cli(study: Early) -> str:
+    s: Setup = study.setup
+    parts = ["python -m cacheviz early", f"--dataset {s.dataset}", f"--model {s.model}"]
+    if study.layers:
+        parts.append(f"--layers {','.join(study.layers)}")
+    if s.train_limit:
+        parts.append(f"--train-limit {s.train_limit}")
+    if tuple(study.fractions) != tuple(DEFAULT_FRACTIONS):
+        parts.append(f"--fractions {','.join(f'{f:g}' for f in study.fractions)}")
+    if tuple(study.taus) != tuple(DEFAULT_TAUS):
+        parts.append(f"--taus {','.join(f'{t:g}' for t in study.taus)}")
+    if study.mix:
+        parts.append("--mix")
+    if study.timing_images != TIMING_IMAGES:
+        parts.append(f"--timing-images {study.timing_images}")
+    return " ".join(parts)
