@@ -31,6 +31,7 @@ FLAGS = {
     "seeds": "--seeds", "combine_top": "--combine-top", "out": "--out", "json": "--json", "theta": "theta",
     "lam": "lam", "data_dir": "--data-dir", "attack": "--attack", "against": "--against", "n": "--n",
     "epsilons": "--epsilons", "source_model": "--source-model", "taus": "--taus", "timing_images": "--timing-images",
+    "loss": "--loss", "fraction": "--fraction", "epochs": "--epochs",
 }
 
 TABLE_ROWS = [
@@ -178,6 +179,17 @@ def build_parser() -> argparse.ArgumentParser:
     ea.add_argument("--timing-images", type=_positive, default=1000, help="test images timed (default 1000)")
     ea.add_argument("--reps", type=_positive, default=3, help="timed runs of each model, median taken (default 3)")
     ea.add_argument("--out", metavar="OUT", help=out_help)
+
+    kn = sub.add_parser("keynet", parents=[exp], help="train a key network for a layer's cache (seed 003) and "
+                                                      "compare it with the network")
+    kn.add_argument("--layer", default=None, help="the teacher layer whose keys it learns (default: layer3.0 for "
+                                                  "the CIFAR ResNets, pool for digits-cnn)")
+    kn.add_argument("--loss", choices=("triplet", "npair"), default="triplet", help="the second stage's loss")
+    kn.add_argument("--fraction", type=_number, default=0.025, help="the cache: this fraction of the training set "
+                                                                   "(class-balanced; default 0.025, the seed's)")
+    kn.add_argument("--epochs", default="6,3", help="regression and metric-learning epochs (default 6,3)")
+    kn.add_argument("--timing-images", type=_positive, default=1000, help="test images timed (default 1000)")
+    kn.add_argument("--out", metavar="OUT", help=out_help)
 
     ss = sub.add_parser("sweep-size", parents=[exp], help="Figure 3: accuracy against cache size")
     ss.add_argument("--layers", help="comma-separated key layers (default: the model's own defaults)")
@@ -372,6 +384,19 @@ def cmd_early(args) -> int:
                                    "speedup"])
 
 
+def cmd_keynet(args) -> int:
+    from .keynet import KeyNetStudy, default_layer
+
+    epochs = _numbers(args.epochs, "epochs", int)
+    if len(epochs) != 2:
+        raise CachevizError("give two epoch counts: regression, then metric learning", "e.g. --epochs 6,3",
+                            param="epochs", value=args.epochs)
+    setup = _setup(args)
+    study = KeyNetStudy(setup, layer=args.layer or default_layer(setup.model), loss=args.loss, fraction=args.fraction,
+                        epochs_regress=epochs[0], epochs_metric=epochs[1], timing_images=args.timing_images)
+    return _run_rows(study, args, ["model", "condition", "accuracy", "ms_per_image", "params"])
+
+
 def cmd_table1(args) -> int:
     from .sweeps import table1_group
 
@@ -483,7 +508,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     commands = {"layers": cmd_layers, "models": cmd_models, "evaluate": cmd_evaluate,
                 "sweep-layers": cmd_sweep_layers, "sweep-size": cmd_sweep_size, "table1": cmd_table1, "attack": cmd_attack,
-                "jacobian": cmd_jacobian, "early": cmd_early}
+                "jacobian": cmd_jacobian, "early": cmd_early,
+                "keynet": cmd_keynet}
     shown = warnings.showwarning
     warnings.showwarning = _show_warning  # a damaged stored file: one line, not a source listing
     try:

@@ -198,7 +198,7 @@ def clock(fn: Callable[[], object], device: torch.device) -> float:
     return time.perf_counter() - t0
 
 
-def timed(fns: dict[str, Callable[[], object]], device: torch.device, reps: int = REPS) -> dict[str, float]:
+def timed(fns: dict, device: torch.device, reps: int = REPS) -> dict:
     """Median seconds of each function over `reps` runs, taking turns (one untimed warm-up
     each first), so drift on the machine hits all of them."""
     for fn in fns.values():
@@ -298,7 +298,7 @@ class Early(Study):
         rows = [{**common, "layer": "full", "cache_fraction": None, "tau": None, "mode": "full", "continue_with": None,
                  "accuracy": base, "ms_per_image": 1e3 * t_full / n_t, "exit_share": 0.0, "knn_accuracy": None,
                  "n_cache": 0, "theta": None, "key_dim": None, "speedup": 1.0}]
-        n_timed = len(todo) * (1 + len(self.taus)) + len(self.fractions) * len(self.taus) * (len(layers) > 1)
+        n_timed = len(todo) + len(self.fractions) * (len(layers) > 1)
         done = 0
 
         def tick(what: str) -> None:
@@ -308,42 +308,39 @@ class Early(Study):
 
         for layer, frac in todo:
             sc, ex = scores[(layer, frac)]
-            t = timed({"full": lambda: full_answer(spec, x_t), "truncated": lambda ex=ex: truncated_answer(spec, ex, x_t)},
-                      ws.device, self.reps)
-            ratio = t["full"] / t["truncated"]  # against the full pass timed beside it, so drift cancels
+            # the full pass, the truncated model and each gate, timed in turns in one group
+            fns = {"full": lambda: full_answer(spec, x_t), "truncated": lambda ex=ex: truncated_answer(spec, ex, x_t)}
+            fns.update({tau: (lambda ex=ex, tau=tau: gated_answer(spec, [ex], tau, x_t, self.mix)) for tau in self.taus})
+            t = timed(fns, ws.device, self.reps)
             one = {**common, "layer": layer, "cache_fraction": frac, "n_cache": sc.n_cache, "theta": sc.theta_cache_only,
                    "key_dim": dims.get(layer)}
             rows.append({**one, "tau": None, "mode": "truncated", "continue_with": None, "accuracy": sc.cache_only_acc,
                          "ms_per_image": 1e3 * t["truncated"] / n_t, "exit_share": 1.0, "knn_accuracy": sc.knn_acc,
-                         "speedup": ratio})
-            tick(f"{layer}, {frac:.1%}: truncated")
+                         "speedup": t["full"] / t["truncated"]})  # against the full pass timed beside it
             for tau in self.taus:
                 preds, where = gated_predictions(sc.p_net, sc.p if self.mix else None, [sc.p_cache_only], tau)
-                tg = timed({"full": lambda: full_answer(spec, x_t),
-                            "gated": lambda ex=ex, tau=tau: gated_answer(spec, [ex], tau, x_t, self.mix)},
-                           ws.device, self.reps)
-                ratio = tg["full"] / tg["gated"]
                 rows.append({**one, "tau": tau, "mode": "gated", "continue_with": cont,
-                             "accuracy": float((preds == y).float().mean()), "ms_per_image": 1e3 * tg["gated"] / n_t,
-                             "exit_share": float((where == 0).float().mean()), "knn_accuracy": None, "speedup": ratio})
-                tick(f"{layer}, {frac:.1%}: gated at tau = {tau:g}")
+                             "accuracy": float((preds == y).float().mean()), "ms_per_image": 1e3 * t[tau] / n_t,
+                             "exit_share": float((where == 0).float().mean()), "knn_accuracy": None,
+                             "speedup": t["full"] / t[tau]})
+            tick(f"{layer}, {frac:.1%}")
         if len(layers) > 1:
             for frac in self.fractions:
                 exs = [scores[(layer, frac)] for layer in layers]
                 last = exs[-1][0]
+                fns = {"full": lambda: full_answer(spec, x_t)}
+                fns.update({tau: (lambda tau=tau, exs=exs: gated_answer(spec, [e for _, e in exs], tau, x_t, self.mix))
+                            for tau in self.taus})
+                t = timed(fns, ws.device, self.reps)
                 for tau in self.taus:
                     preds, where = gated_predictions(last.p_net, last.p if self.mix else None,
                                                      [sc.p_cache_only for sc, _ in exs], tau)
-                    tg = timed({"full": lambda: full_answer(spec, x_t),
-                                "cascade": lambda tau=tau: gated_answer(spec, [e for _, e in exs], tau, x_t, self.mix)},
-                               ws.device, self.reps)
-                    ratio = tg["full"] / tg["cascade"]
                     rows.append({**common, "layer": ">".join(layers), "cache_fraction": frac, "tau": tau,
                                  "mode": "cascade", "continue_with": cont, "accuracy": float((preds == y).float().mean()),
-                                 "ms_per_image": 1e3 * tg["cascade"] / n_t,
+                                 "ms_per_image": 1e3 * t[tau] / n_t,
                                  "exit_share": float((where < len(layers)).float().mean()), "knn_accuracy": None,
-                                 "n_cache": last.n_cache, "theta": None, "key_dim": None, "speedup": ratio})
-                    tick(f"cascade, {frac:.1%}: tau = {tau:g}")
+                                 "n_cache": last.n_cache, "theta": None, "key_dim": None, "speedup": t["full"] / t[tau]})
+                tick(f"cascade, {frac:.1%}")
         for r in rows:
             r["ms_per_image"] = float(f"{r['ms_per_image']:.4g}")
             r["speedup"] = float(f"{r['speedup']:.4g}")

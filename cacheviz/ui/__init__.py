@@ -17,7 +17,8 @@ the names re-exported here.
 import logging as _logging
 import os as _os
 
-from .early import early_cli, early_layers, early_study, early_table, faster_within
+from .early import (early_cli, early_layers, early_study, early_table, faster_within, keynet_cli, keynet_default,
+                    keynet_study, keynet_tables)
 from .jacobian import (RHO_ATTACKS, THETA_RANGE, by_network_norm, clicked_point, correlation_table, jacobian_cli, jacobian_default_n,
                        jacobian_study, jacobian_summary, norm_table, norms_of, rho_group, rho_rows)
 from .jobs import Job, JobBoard
@@ -50,7 +51,8 @@ if not _log.handlers:
     _log.propagate = False
 
 __all__ = [
-    "early_cli", "early_layers", "early_study", "early_table", "faster_within",
+    "early_cli", "early_layers", "early_study", "early_table", "faster_within", "keynet_cli", "keynet_default", "keynet_study",
+    "keynet_tables",
     "Job", "JobBoard", "WIDGETS", "message", "markdown_text", "upload_name", "ensure_entrypoint", "entrypoint_started", "page_config", "pages",
     "build_panel", "experiment_page", "guard", "index_job", "load_index", "show_problem", "study_panel", "decode", "image_key",
     "picks", "query", "result_tag", "thumbnails", "workspace", "CIFAR", "CUSTOM", "DATASETS", "K_DATASET",

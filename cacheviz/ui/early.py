@@ -63,3 +63,37 @@ def early_cli(study: Early) -> str:
     if study.timing_images != TIMING_IMAGES:
         parts.append(f"--timing-images {study.timing_images}")
     return " ".join(parts)
+
+
+def keynet_default(model: str) -> str:
+    from ..keynet import default_layer
+
+    return default_layer(model)
+
+
+def keynet_study(choice: Choice, layer: str, loss: str, fraction: float, epochs: tuple[int, int]):
+    from ..keynet import KeyNetStudy
+
+    return KeyNetStudy(choice.setup.replace(layers=()), layer=layer, loss=loss, fraction=float(fraction),
+                       epochs_regress=int(epochs[0]), epochs_metric=int(epochs[1]))
+
+
+def keynet_tables(rows: list[dict]) -> tuple[list[dict], list[dict]]:
+    """(one row per model: accuracy, ms per image, parameters; one row per robustness condition
+    with each model's accuracy) — seed 003's table, remade."""
+    names = {"network": "network (whole)", "keynet": "key network + cache", "truncated": "network to the layer + cache"}
+    main = [{"model": names.get(r["model"], r["model"]), "accuracy (%)": pct(r["accuracy"]),
+             "ms / image": r["ms_per_image"], "parameters": r["params"], "cache items": r["n_cache"],
+             "θ": r["theta"]} for r in rows if r["condition"] is None]
+    conds = list(dict.fromkeys(r["condition"] for r in rows if r["condition"]))
+    robust = []
+    for c in conds:
+        by = {r["model"]: r["accuracy"] for r in rows if r["condition"] == c}
+        robust.append({"condition": c, "network (%)": pct(by.get("network")), "key network (%)": pct(by.get("keynet"))})
+    return main, robust
+
+
+def keynet_cli(study) -> str:
+    s: Setup = study.setup
+    return (f"python -m cacheviz keynet --dataset {s.dataset} --model {s.model} --layer {study.layer} "
+            f"--loss {study.loss} --fraction {study.fraction:g} --epochs {study.epochs_regress},{study.epochs_metric}")
