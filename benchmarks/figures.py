@@ -11,7 +11,8 @@ writes layer-sweep.png (Figure 2, every --layers file overlaid) and size-sweep.p
 `attack --epsilons ... --out X.json`) as one grid, robustness-curves.png (--curves-name);
 --jacobian j.json (rows of `jacobian --out j.json`, optionally with `--rho A`) draws Figure 4:
 jacobian-spectrum.png (4a), jacobian-scatter.png (4b, 4c) and, for each rho_adv_<A> column,
-jacobian-rho-<A>.png. Rows are the JSON lists that `--out X.json` writes.
+jacobian-rho-<A>.png; --early e.json (rows of `early --out e.json`) draws the accuracy/latency
+frontier, early-frontier.png, with the gated exits at --tau. Rows are the JSON lists that `--out X.json` writes.
 Needs kaleido and a local Chrome/Chromium (see cacheviz.plots.fig_to_png); exit status 2 with
 one sentence when something is missing.
 """
@@ -54,11 +55,13 @@ def main(argv: list[str] | None = None) -> int:
                    help="attack --epsilons rows, one file per curve, drawn as one grid of panels")
     p.add_argument("--curves-name", default="robustness-curves.png", help="file name of the --curves grid")
     p.add_argument("--jacobian", metavar="JSON", help="jacobian rows: Figure 4 (and |J| against rho_adv)")
+    p.add_argument("--early", metavar="JSON", help="early rows: the accuracy/latency frontier")
+    p.add_argument("--tau", type=float, default=0.9, help="the gate's threshold drawn with --early (default 0.9)")
     p.add_argument("--out-dir", default="docs/figures", help="where the PNGs go (default docs/figures)")
     p.add_argument("--width", type=int, default=900, help="figure width in layout pixels (PNG at 2x)")
     args = p.parse_args(argv)
-    if not (args.layers or args.sizes or args.table1 or args.curves or args.jacobian):
-        p.error("give --layers, --sizes, --table1, --curves and/or --jacobian")
+    if not (args.layers or args.sizes or args.table1 or args.curves or args.jacobian or args.early):
+        p.error("give --layers, --sizes, --table1, --curves, --jacobian and/or --early")
     try:
         out = Path(args.out_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -86,6 +89,10 @@ def main(argv: list[str] | None = None) -> int:
                 if any(r.get(f"rho_adv_{a}") is not None for r in rows):
                     fig = plots.fig_norm_vs_rho(rows, a, rank_correlations(rows, a))
                     written.append(write_png(fig, out / f"jacobian-rho-{a}.png", args.width))
+        if args.early:
+            rows = read_rows(args.early, {"layer", "mode", "cache_fraction", "tau", "accuracy", "ms_per_image"})
+            written.append(write_png(plots.fig_early_frontier(rows, tau=args.tau), out / "early-frontier.png",
+                                     args.width))
     except CachevizError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -36,8 +36,8 @@ def default_layer(model: str) -> str:
 
 
 class KeyNet(nn.Module):
-    """Six 3x3 convolutions (batch norm, ReLU), strided where the teacher's layer is smaller than
-    the image, then a 1x1 convolution to the teacher layer's channels (a spatial layer) or a
+    """Six 3x3 convolutions (batch norm, ReLU), every other one strided while the teacher's layer
+    is smaller than the image, then a 1x1 convolution to the teacher layer's channels (a spatial layer) or a
     pooled linear map to its width (a flat one)."""
 
     def __init__(self, in_channels: int, in_size: int, out_shape: tuple[int, ...], width=WIDTH):
@@ -46,10 +46,12 @@ class KeyNet(nn.Module):
         spatial = len(self.out_shape) == 3
         target = self.out_shape[1] if spatial else 1
         downs = 0 if not spatial else max(0, round(math.log2(in_size / target)))
-        if spatial and in_size // (2 ** downs) != target:
+        if spatial and (in_size // (2 ** downs) != target or 2 * downs > len(width)):
             raise CachevizError(f"a key network cannot reach a {target}x{target} layer from {in_size}x{in_size} images",
                                 "choose a layer whose size divides the image's by a power of 2", param="layer")
-        stride_at = set(range(len(width) - downs, len(width))) if downs else set()
+        # downsample early (convs 2, 4, ...): at full resolution six convs would cost as much as
+        # the teacher itself (ResNet20's 41M multiply-adds), and a key network must be cheaper
+        stride_at = {1 + 2 * i for i in range(downs)}
         layers, c = [], in_channels
         for i, w in enumerate(width):
             layers += [nn.Conv2d(c, w, 3, stride=2 if i in stride_at else 1, padding=1, bias=False),
@@ -385,3 +387,46 @@ def load_keynet(study: KeyNetStudy, data_dir, spec) -> KeyNet | None:
     net = KeyNet(spec.in_channels, spec.input_size[0], shape)
     net.load_state_dict({k[len("keynet."):]: v for k, v in hit[0].items()})
     return net.eval()
+
+
+def stored_keynets(setup: Setup, data_dir) -> list[KeyNetStudy]:
+    """The key networks trained for `setup` (any layer, loss, cache or epochs) whose results are
+    stored in `data_dir` and still valid (same data and weights), newest first."""
+    import json
+    from pathlib import Path
+
+    ident = setup.replace(layers=()).identity()
+    found = []
+    for path in sorted(Path(data_dir, "results").glob("keynet-*.json"), key=lambda p: -p.stat().st_mtime):
+        try:
+            opts = json.loads(path.read_text())["key"]["options"]
+            if opts["setup"] != json.loads(json.dumps(ident, default=str)):
+                continue
+            r = opts["recipe"]
+            study = KeyNetStudy(setup.replace(layers=()), layer=r["layer"], loss=r["loss"], fraction=opts["fraction"],
+                                epochs_regress=r["epochs_regress"], epochs_metric=r["epochs_metric"],
+                                timing_images=opts["timing_images"], reps=opts["reps"])
+        except (OSError, ValueError, KeyError, TypeError, CachevizError):
+            continue  # another version's file, or a damaged one: not offered
+        if study.lookup(data_dir, max_age=5.0) is not None:
+            found.append(study)
+    return found
+
+
+def keynet_query(net: KeyNet, spec, index, image, p_net):
+    """The retrieval `Query` of one image (H, W, C) uint8 when the key network makes its key: its
+    similarity to every row of `index` (the teacher's keys at the key network's layer); `p_net`
+    is the network's answer, shown beside it."""
+    from .retrieval import Query, as_batch
+
+    x = spec.preprocess(as_batch(image).to(next(net.parameters()).device))
+    with torch.no_grad():
+        q = net(x).to(index.memory.device)
+        sims = torch.cat([s for _, s in index.memory.iter_similarities(q)], dim=0)[0]
+    return Query(list(index.layers), q[0].cpu(), p_net, sims.float().cpu())
+
+
+def keynet_theta(study: KeyNetStudy, data_dir) -> float | None:
+    """The theta tuned for the key network's cache-only answer (None until it has run)."""
+    rows = study.lookup(data_dir, max_age=5.0)
+    return next((r["theta"] for r in rows or [] if r["model"] == "keynet" and r["condition"] is None), None)

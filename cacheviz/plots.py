@@ -718,8 +718,8 @@ def fig_early_frontier(rows: list[dict], tau: float | None = None, height: int =
         fig.add_hline(y=100 * full["accuracy"], line=dict(color=COLORS["p_net"], dash="dash", width=1))
         fig.add_vline(x=full["ms_per_image"], line=dict(color=COLORS["p_net"], dash="dash", width=1))
     fig.update_layout(
-        title="Answering early: accuracy against measured time per image (left of the dashed line: faster than "
-              "the network)", xaxis=dict(title="ms per image (measured)", type="log"),
+        title="Answering early: accuracy against measured time",
+        xaxis=dict(title="ms per image, measured (left of the dashed line: faster than the network)", type="log"),
         yaxis=dict(title="test accuracy (%)"), height=height, margin=dict(l=10, r=10, t=50, b=10),
         legend=dict(orientation="v", font=dict(size=10)))
     return fig

@@ -86,3 +86,20 @@ def test_key_network_section_trains_and_shows_the_seeds_table(env, entry):
     assert list(main.value["model"]) == ["network (whole)", "key network + cache", "network to the layer + cache"]
     (robust,) = [d for d in at.dataframe if "key network (%)" in d.value.columns]
     assert "fgsm 0.05" in set(robust.value["condition"]) and len(robust.value) == 8
+
+
+def test_neighbours_page_queries_a_trained_key_network(env, entry):
+    """After the key network of the test above is stored: the Neighbours page offers it and shows
+    the stored images its key retrieves (the network's cache must be built first)."""
+    from cacheviz.config import Setup
+    from cacheviz.experiment import Evaluate
+
+    Evaluate(Setup(dataset="digits", model="digits-cnn", layers=("pool", "relu3"))).run(env, "cpu")
+    at = AppTest.from_file(entry, default_timeout=TIMEOUT)
+    at.run()
+    at.switch_page(str(Path(__file__).resolve().parents[1] / "pages" / "neighbours.py")).run()
+    _no_problems(at)
+    at.toggle(key="nb_keynet").set_value(True).run()
+    _no_problems(at)
+    assert at.selectbox(key="nb_kn_pick").options, "the stored key network is offered"
+    assert any("Key network → pool" in m.value and "the network never runs" in m.value for m in at.markdown)

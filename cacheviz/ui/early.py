@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 
+import streamlit as st
+
 from ..config import Setup
 from ..early import DEFAULT_FRACTIONS, DEFAULT_TAUS, TIMING_IMAGES, Early, exit_choices, frontier
 from .state import Choice
@@ -97,3 +99,26 @@ def keynet_cli(study) -> str:
     s: Setup = study.setup
     return (f"python -m cacheviz keynet --dataset {s.dataset} --model {s.model} --layer {study.layer} "
             f"--loss {study.loss} --fraction {study.fraction:g} --epochs {study.epochs_regress},{study.epochs_metric}")
+
+
+def trained_keynets(choice: Choice) -> list:
+    from ..keynet import stored_keynets
+
+    return stored_keynets(choice.setup, choice.data_dir)
+
+
+def keynet_label(study) -> str:
+    return (f"{study.layer} · {study.loss} · cache {100 * study.fraction:g}% · epochs {study.epochs_regress}+"
+            f"{study.epochs_metric}")
+
+
+@st.cache_resource(max_entries=4, show_spinner="Loading the key network…")
+def _keynet_model(ident: str, where: str, _study, _spec):
+    from ..keynet import load_keynet
+
+    return load_keynet(_study, where, _spec)
+
+
+def keynet_model(choice: Choice, study, spec):
+    """The stored trained key network of `study`, shared by the sessions (None if it is gone)."""
+    return _keynet_model(study.ident(), str(choice.data_dir), study, spec)
