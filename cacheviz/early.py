@@ -198,16 +198,29 @@ def clock(fn: Callable[[], object], device: torch.device) -> float:
     return time.perf_counter() - t0
 
 
-def timed(fns: dict, device: torch.device, reps: int = REPS) -> dict:
-    """Median seconds of each function over `reps` runs, taking turns (one untimed warm-up
-    each first), so drift on the machine hits all of them."""
+def timed_runs(fns: dict, device: torch.device, reps: int = REPS) -> dict[object, list[float]]:
+    """Seconds of each function in each of `reps` rounds, taking turns (one untimed warm-up each
+    first), so drift on the machine hits all of them and round i of two functions is a pair."""
     for fn in fns.values():
         fn()
-    times: dict[str, list[float]] = {k: [] for k in fns}
+    times: dict = {k: [] for k in fns}
     for _ in range(reps):
         for k, fn in fns.items():
             times[k].append(clock(fn, device))
-    return {k: statistics.median(v) for k, v in times.items()}
+    return times
+
+
+def timed(fns: dict, device: torch.device, reps: int = REPS) -> dict:
+    """Median seconds of each function over `reps` rounds (see `timed_runs`)."""
+    return {k: statistics.median(v) for k, v in timed_runs(fns, device, reps).items()}
+
+
+def speedups(full: list[float], other: list[float]) -> dict:
+    """The full pass's time over another's, round by round: the median and the range. A
+    configuration counts as faster only when every round says so (speedup_low > 1): on a busy
+    2-core machine a single pair of timings of the same work can differ by 10%."""
+    r = [f / o for f, o in zip(full, other)]
+    return {"speedup": statistics.median(r), "speedup_low": min(r), "speedup_high": max(r)}
 
 
 def full_answer(spec, x: torch.Tensor, batch: int = BATCH) -> torch.Tensor:
@@ -225,7 +238,8 @@ class Early(Study):
     network; `a>b` for a cascade), cache_fraction, tau (null when ungated), accuracy,
     ms_per_image, exit_share, mode (`full`, `truncated`, `gated`, `cascade`), continue_with,
     knn_accuracy, n_cache, theta (the cache-only theta at the exit), key_dim, speedup (the full
-    network's time over this one's), timing_images, n_test, net, dataset, seed, device."""
+    network's time over this one's, median of the rounds timed in turns) with speedup_low and
+    speedup_high (its range over the rounds), timing_images, n_test, net, dataset, seed, device."""
 
     setup: Setup
     layers: tuple[str, ...] = ()
@@ -274,7 +288,10 @@ class Early(Study):
         y_universe = ws.ds.train_y[data.train_u]
         dims = {i.name: i.dim for i in list_layers(spec)}
         n_t = min(int(self.timing_images), len(data.y_test))
-        x_t = spec.preprocess(ws.ds.test_x[ws.split.test_idx[:n_t]].to(ws.device))
+        # a class-balanced sample: the test folder is stored class by class, and a gate's exit
+        # rate (so its time) depends on the class
+        pick = balanced_subset(ws.ds.test_y[ws.split.test_idx], n_t, self.setup.seed)
+        x_t = spec.preprocess(ws.ds.test_x[ws.split.test_idx[pick]].to(ws.device))
         common = {"net": spec.name, "dataset": self.setup.dataset, "seed": self.setup.seed, "device": run.device_name,
                   "timing_images": n_t, "n_test": len(data.y_test)}
         cont = "cache" if self.mix else "network"
@@ -293,11 +310,13 @@ class Early(Study):
         data.release()
 
         run.progress.stage("timing")
-        t_full = timed({"full": lambda: full_answer(spec, x_t)}, ws.device, self.reps)["full"]
+        all_full = timed_runs({"full": lambda: full_answer(spec, x_t)}, ws.device, self.reps)["full"]
+        t_full = statistics.median(all_full)
         base = accuracy(p_net, y)
         rows = [{**common, "layer": "full", "cache_fraction": None, "tau": None, "mode": "full", "continue_with": None,
                  "accuracy": base, "ms_per_image": 1e3 * t_full / n_t, "exit_share": 0.0, "knn_accuracy": None,
-                 "n_cache": 0, "theta": None, "key_dim": None, "speedup": 1.0}]
+                 "n_cache": 0, "theta": None, "key_dim": None, "speedup": 1.0, "speedup_low": 1.0,
+                 "speedup_high": 1.0}]
         n_timed = len(todo) + len(self.fractions) * (len(layers) > 1)
         done = 0
 
@@ -311,18 +330,20 @@ class Early(Study):
             # the full pass, the truncated model and each gate, timed in turns in one group
             fns = {"full": lambda: full_answer(spec, x_t), "truncated": lambda ex=ex: truncated_answer(spec, ex, x_t)}
             fns.update({tau: (lambda ex=ex, tau=tau: gated_answer(spec, [ex], tau, x_t, self.mix)) for tau in self.taus})
-            t = timed(fns, ws.device, self.reps)
+            runs = timed_runs(fns, ws.device, self.reps)
+            all_full += runs["full"]
+            t = {k: statistics.median(v) for k, v in runs.items()}
             one = {**common, "layer": layer, "cache_fraction": frac, "n_cache": sc.n_cache, "theta": sc.theta_cache_only,
                    "key_dim": dims.get(layer)}
             rows.append({**one, "tau": None, "mode": "truncated", "continue_with": None, "accuracy": sc.cache_only_acc,
                          "ms_per_image": 1e3 * t["truncated"] / n_t, "exit_share": 1.0, "knn_accuracy": sc.knn_acc,
-                         "speedup": t["full"] / t["truncated"]})  # against the full pass timed beside it
+                         **speedups(runs["full"], runs["truncated"])})  # against the full pass timed beside it
             for tau in self.taus:
                 preds, where = gated_predictions(sc.p_net, sc.p if self.mix else None, [sc.p_cache_only], tau)
                 rows.append({**one, "tau": tau, "mode": "gated", "continue_with": cont,
                              "accuracy": float((preds == y).float().mean()), "ms_per_image": 1e3 * t[tau] / n_t,
                              "exit_share": float((where == 0).float().mean()), "knn_accuracy": None,
-                             "speedup": t["full"] / t[tau]})
+                             **speedups(runs["full"], runs[tau])})
             tick(f"{layer}, {frac:.1%}")
         if len(layers) > 1:
             for frac in self.fractions:
@@ -331,7 +352,9 @@ class Early(Study):
                 fns = {"full": lambda: full_answer(spec, x_t)}
                 fns.update({tau: (lambda tau=tau, exs=exs: gated_answer(spec, [e for _, e in exs], tau, x_t, self.mix))
                             for tau in self.taus})
-                t = timed(fns, ws.device, self.reps)
+                runs = timed_runs(fns, ws.device, self.reps)
+                all_full += runs["full"]
+                t = {k: statistics.median(v) for k, v in runs.items()}
                 for tau in self.taus:
                     preds, where = gated_predictions(last.p_net, last.p if self.mix else None,
                                                      [sc.p_cache_only for sc, _ in exs], tau)
@@ -339,11 +362,15 @@ class Early(Study):
                                  "mode": "cascade", "continue_with": cont, "accuracy": float((preds == y).float().mean()),
                                  "ms_per_image": 1e3 * t[tau] / n_t,
                                  "exit_share": float((where < len(layers)).float().mean()), "knn_accuracy": None,
-                                 "n_cache": last.n_cache, "theta": None, "key_dim": None, "speedup": t["full"] / t[tau]})
+                                 "n_cache": last.n_cache, "theta": None, "key_dim": None,
+                                 **speedups(runs["full"], runs[tau])})
                 tick(f"cascade, {frac:.1%}")
+        # the network's own row: every full pass of the run (each speed-up is against its own group's)
+        rows[0]["ms_per_image"] = 1e3 * statistics.median(all_full) / n_t
         for r in rows:
             r["ms_per_image"] = float(f"{r['ms_per_image']:.4g}")
-            r["speedup"] = float(f"{r['speedup']:.4g}")
+            for k in ("speedup", "speedup_low", "speedup_high"):
+                r[k] = float(f"{r[k]:.4g}")
         return [rounded(r) for r in rows]
 
 

@@ -10,8 +10,10 @@ with their recipe (safetensors + JSON, keyed like every result) and reused.
 from __future__ import annotations
 
 import math
+import re
 import time
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn as nn
@@ -32,7 +34,13 @@ WIDTH = (16, 32, 32, 64, 64, 64)  # channels of the six convolutions
 
 
 def default_layer(model: str) -> str:
-    return "pool" if model == "digits-cnn" else "layer3.0"
+    """The last block of a CIFAR ResNet: its cache-only answer is the most accurate of the exits
+    (on the shared CIFAR-10, ResNet20's layer3.2 with a 2.5% cache is level with the network), and
+    a key network's cost does not depend on how deep its teacher's layer is."""
+    if model == "digits-cnn":
+        return "pool"
+    m = re.fullmatch(r"resnet(\d+)", model)
+    return f"layer3.{(int(m.group(1)) - 2) // 6 - 1}" if m else "layer3.0"
 
 
 class KeyNet(nn.Module):
@@ -240,11 +248,14 @@ class KeyNetStudy(Study):
     """Train a key network for `layer` of the setup's network (or reuse the stored one) and remake
     seed 003's table. Rows: model (`network`, `keynet`, `truncated` — the teacher run up to
     `layer` with the same cache), accuracy, ms_per_image, params, n_cache, theta; then one row per
-    model and robustness condition (`condition`: fgsm 0.05, fgsm 0.1, brightness 0.5, ...,
+    model and robustness condition (`condition`: clean — the robustness images unchanged —, fgsm
+    0.05, fgsm 0.1, brightness 0.5, ...,
     `accuracy`). The trained weights are this result's tensors."""
 
+    version: ClassVar[int] = 3  # 2: a clean row; 3: class-balanced robustness and timing images
+
     setup: Setup
-    layer: str = "layer3.0"
+    layer: str = "layer3.2"
     loss: str = "triplet"
     fraction: float = 0.025
     epochs_regress: int = 6
@@ -321,7 +332,7 @@ class KeyNetStudy(Study):
                "keynet": float((_predict(student, x) == y).float().mean()),
                "truncated": float((truncated_answer(spec, ex, x).argmax(1) == y).float().mean())}
         n_t = min(int(self.timing_images), len(x))
-        xt = x[:n_t]
+        xt = x[balanced_subset(y, n_t, self.setup.seed)]
 
         def keynet_answer():
             with torch.inference_mode():
@@ -347,14 +358,18 @@ class KeyNetStudy(Study):
 
         run.progress.stage("robustness")
         n_r = min(ROBUST_IMAGES, len(x))
-        xr, yr = x[:n_r], y[:n_r]
+        # class-balanced: the test folder is stored class by class, so the first n are two classes
+        keep = balanced_subset(y, n_r, self.setup.seed)
+        xr, yr = x[keep], y[keep]
         lo = spec.normalize(torch.zeros(1, spec.in_channels, 1, 1, device=dev))
         hi = spec.normalize(torch.ones(1, spec.in_channels, 1, 1, device=dev))
-        conds = [(f"fgsm {e:g}", "fgsm", e) for e in FGSM_EPS] + \
+        conds = [("clean", "clean", None)] + [(f"fgsm {e:g}", "fgsm", e) for e in FGSM_EPS] + \
                 [(f"{k} {f:g}", k, f) for k in ("brightness", "contrast", "gamma") for f in CORRUPTION_FACTORS]
         for i, (name, kind, v) in enumerate(conds):
             for m, model in (("network", network), ("keynet", student)):
-                if kind == "fgsm":
+                if kind == "clean":  # the same images unchanged: what each condition is compared to
+                    xa = xr
+                elif kind == "fgsm":
                     target = _predict(model, xr).to(dev)  # the model's own answer, as the lab attacks
                     xa = torch.cat([torch.maximum(torch.minimum(
                         xr[s:s + 128] + v * A.fgsm_direction(model, xr[s:s + 128], target[s:s + 128]), hi), lo)

@@ -56,10 +56,10 @@ with ui.experiment_page("ea", "Answer early", INTRO) as choice:
             st.success(f"Faster than the network at most 1 point below it: **{w['mode']}** at {w['layer']} with a "
                        f"{100 * w['cache_fraction']:.3g}% cache{at_tau}: "
                        f"{100 * w['accuracy']:.1f}% against {100 * full['accuracy']:.1f}%, {w['speedup']:.2f}× the "
-                       f"network's speed ({len(wins)} such configuration{'s' if len(wins) > 1 else ''} in all).")
+                       f"network's speed, faster in every timed round ({len(wins)} such configuration{'s' if len(wins) > 1 else ''} in all).")
         else:
-            st.info(f"No configuration here is faster than the network ({full['ms_per_image']:.3g} ms per image) at "
-                    f"most 1 point below its {100 * full['accuracy']:.1f}%.")
+            st.info(f"No configuration here is faster than the network ({full['ms_per_image']:.3g} ms per image) in "
+                    f"every timed round at most 1 point below its {100 * full['accuracy']:.1f}%.")
         st.dataframe(ui.early_table(rows, tau), hide_index=True, key="ea_table")
         ui.export_buttons(fig, rows, f"early-{s.dataset}-{s.model}", key="ea_export")
         st.caption(f"The same numbers as `{ui.early_cli(study)}`. Times: median of {study.reps} runs on "
@@ -93,6 +93,6 @@ with ui.experiment_page("ea", "Answer early", INTRO) as choice:
         a.dataframe(main_t, hide_index=True, key="ea_kn_table")
         b.dataframe(robust_t, hide_index=True, key="ea_kn_robust")
         st.caption(f"Trained in {krows[0]['train_seconds']:g} s on {krows[0]['device']}. Robustness: accuracy on "
-                   "the first 1,000 test images (or all) after FGSM at ε (normalised input space, against each "
+                   "1,000 test images (class-balanced; all when fewer) after FGSM at ε (normalised input space, against each "
                    "model's own gradient and answer) and brightness, contrast and gamma factors. The same numbers as "
                    f"`{ui.keynet_cli(kstudy)}`.")

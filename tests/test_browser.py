@@ -196,3 +196,55 @@ def test_jacobians_page_and_explorer_in_chromium(server):
         finally:
             browser.close()
     print(f"\nscreenshot: {shot}")
+
+
+def test_answer_early_page_and_key_network_in_chromium(server):
+    """Answer early in a real browser: measure a small frontier, move the tau slider, train a
+    key network, then query it from the Neighbours page."""
+    from playwright.sync_api import sync_playwright
+
+    url, tmp = server
+    shots = Path(os.environ.get("CACHEVIZ_SHOTS_DIR") or tmp)
+    shots.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=_load_harness().CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 2400})
+            page.goto(url)
+            page.get_by_role("button", name="Build cache").click(timeout=60_000)
+            page.get_by_text("Network alone").wait_for(timeout=180_000)
+
+            page.get_by_role("link", name="Answer early").first.click()
+            sizes = page.get_by_role("textbox", name="Cache sizes (fractions of the training set)")
+            sizes.wait_for(timeout=60_000)
+            sizes.fill("0.05, 0.5")
+            sizes.press("Enter")
+            timed = page.get_by_role("spinbutton", name="Timed images")
+            timed.fill("200")
+            timed.press("Enter")
+            page.get_by_role("button", name="Measure the frontier").click(timeout=60_000)
+            page.locator(".js-plotly-plot", has_text="Answering early").first.wait_for(timeout=240_000)
+            verdict = page.get_by_text("than the network").first
+            verdict.wait_for(timeout=60_000)
+            assert page.locator(".js-plotly-plot", has_text="full network").count() >= 1
+
+            epochs = page.get_by_role("textbox", name="Epochs (regression, metric)")
+            epochs.fill("2, 1")
+            epochs.press("Enter")
+            page.get_by_role("button", name="Train the key network").click(timeout=60_000)
+            page.get_by_text("Trained in").first.wait_for(timeout=240_000)
+            assert page.get_by_text("fgsm 0.05").count() >= 1
+            time.sleep(1.0)
+            shot = shots / "browser-early.png"
+            page.screenshot(path=str(shot), full_page=True)
+
+            page.get_by_role("link", name="Neighbours").first.click()
+            page.get_by_text("nearest stored images").first.wait_for(timeout=60_000)
+            page.get_by_text("Query with a trained key network").click()
+            page.get_by_text("the network never runs").first.wait_for(timeout=120_000)
+            shot2 = shots / "browser-early-neighbours.png"
+            page.screenshot(path=str(shot2), full_page=True)
+            assert page.get_by_text("Traceback").count() == 0
+        finally:
+            browser.close()
+    print(f"\nscreenshots: {shot}, {shot2}")

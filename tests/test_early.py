@@ -115,6 +115,20 @@ def test_frontier_keeps_the_rows_nothing_beats():
     assert [(r["ms_per_image"], r["accuracy"]) for r in frontier(rows)] == [(0.5, 0.7), (1.0, 0.8), (2.0, 0.9)]
 
 
+def test_faster_counts_only_when_every_round_is_faster():
+    from cacheviz.early import speedups
+    from cacheviz.ui.early import faster_within
+
+    s = speedups([1.0, 1.0, 1.0], [0.8, 1.1, 0.9])  # one round slower: noise, not a win
+    assert s["speedup"] == pytest.approx(1 / 0.9) and s["speedup_low"] == pytest.approx(1 / 1.1)
+    assert s["speedup_high"] == pytest.approx(1.25)
+    full = {"mode": "full", "accuracy": 0.80, "speedup": 1.0, "speedup_low": 1.0}
+    noisy = {"mode": "gated", "accuracy": 0.80, **s}
+    steady = {"mode": "truncated", "accuracy": 0.795, **speedups([1.0, 1.0], [0.9, 0.95])}
+    worse = {"mode": "truncated", "accuracy": 0.78, **speedups([1.0, 1.0], [0.5, 0.5])}
+    assert faster_within([full, noisy, steady, worse]) == [steady]
+
+
 def test_early_study_and_cli_rows(data_dir, tmp_path):
     from cacheviz.__main__ import main
 
@@ -129,6 +143,7 @@ def test_early_study_and_cli_rows(data_dir, tmp_path):
     for r in rows:
         assert {"layer", "cache_fraction", "tau", "accuracy", "ms_per_image", "exit_share"} <= set(r)
         assert 0 <= r["accuracy"] <= 1 and r["ms_per_image"] > 0
+        assert r["speedup_low"] <= r["speedup"] <= r["speedup_high"]
     gated = {(r["layer"], r["cache_fraction"], r["tau"]): r for r in rows if r["mode"] == "gated"}
     for (layer, frac, tau), r in gated.items():
         if tau == 0:

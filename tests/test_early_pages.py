@@ -85,7 +85,7 @@ def test_key_network_section_trains_and_shows_the_seeds_table(env, entry):
     (main,) = [d for d in at.dataframe if "parameters" in d.value.columns]
     assert list(main.value["model"]) == ["network (whole)", "key network + cache", "network to the layer + cache"]
     (robust,) = [d for d in at.dataframe if "key network (%)" in d.value.columns]
-    assert "fgsm 0.05" in set(robust.value["condition"]) and len(robust.value) == 8
+    assert "fgsm 0.05" in set(robust.value["condition"]) and len(robust.value) == 9
 
 
 def test_neighbours_page_queries_a_trained_key_network(env, entry):

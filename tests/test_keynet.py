@@ -51,7 +51,8 @@ def test_key_network_trains_on_digits_and_beats_chance(data_dir, loss):
     assert main["keynet"]["params"] < main["network"]["params"]
     assert all(r["ms_per_image"] > 0 for r in main.values())
     conds = {(r["model"], r["condition"]) for r in rows if r["condition"]}
-    assert ("keynet", "fgsm 0.05") in conds and ("network", "gamma 1.5") in conds and len(conds) == 16
+    assert ("keynet", "fgsm 0.05") in conds and ("network", "gamma 1.5") in conds and len(conds) == 18
+    assert ("network", "clean") in conds  # the robustness images unchanged, the baseline of each condition
     spec = Run(data_dir, "cpu", 256, Silent()).prepare(Setup()).spec
     net = load_keynet(study, data_dir, spec)
     assert isinstance(net, KeyNet), "the trained weights are stored with the result"
