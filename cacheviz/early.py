@@ -27,7 +27,7 @@ from .cache import CacheMemory
 from .config import Setup
 from .data import balanced_subset
 from .errors import CachevizError
-from .features import _net_lock, list_layers
+from .features import net_lock, list_layers
 from .models import segments
 from .progress import Stage
 from .study import KNN_K, Run, Study, rounded, score_keys
@@ -95,7 +95,7 @@ def run_span(spec, a: torch.Tensor, start: str | None, stop: str | None) -> torc
     names = [n for n, _ in steps]
     i = 0 if start is None else names.index(start) + 1
     j = len(steps) if stop is None else names.index(stop) + 1
-    with _net_lock(spec.net):  # another session's tapped pass must not see these modules' calls
+    with net_lock(spec.net):  # another session's tapped pass must not see these modules' calls
         for _, step in steps[i:j]:
             a = step(a)
     return a

@@ -77,7 +77,7 @@ _NET_LOCKS: "weakref.WeakKeyDictionary[torch.nn.Module, threading.RLock]" = weak
 _NET_LOCKS_GUARD = threading.Lock()
 
 
-def _net_lock(net: torch.nn.Module) -> threading.RLock:
+def net_lock(net: torch.nn.Module) -> threading.RLock:
     with _NET_LOCKS_GUARD:
         lock = _NET_LOCKS.get(net)
         if lock is None:
@@ -130,7 +130,7 @@ def forward_layers(spec, x: torch.Tensor, layers: Sequence[str]) -> dict[str, to
     if "input" in wanted:
         out["input"] = x
     if taps_needed or need_logits:
-        with _net_lock(spec.net), _Taps(spec.net, taps_needed, stop_after) as taps:
+        with net_lock(spec.net), _Taps(spec.net, taps_needed, stop_after) as taps:
             try:
                 logits = spec.net(x)
             except _StopForward:

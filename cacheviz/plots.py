@@ -671,6 +671,9 @@ def fig_singular_values(series: Mapping[str, Sequence[float]], title: str = "", 
     fig.update_layout(title=title, xaxis=dict(title="singular value index", dtick=1),
                       yaxis=dict(title="singular value", type="log"), height=height,
                       margin=dict(l=10, r=10, t=50, b=10), legend=dict(orientation="h", y=-0.25))
+    return fig
+
+
 # ---------------------------------------------------------------------------------------------
 # Answering early (seed 003)
 

@@ -216,8 +216,6 @@ with ui.guard("nb"):
     # --- a trained key network instead of the network's keys -------------------------------------
     if st.toggle("Query with a trained key network", key="nb_keynet",
                  help="A small CNN trained to map the image straight to one layer's keys (the Answer early page)."):
-        from cacheviz import keynet as kn
-
         nets = ui.trained_keynets(choice)
         if not nets:
             st.info("No key network is trained for this setup yet: train one under *Speed → Answer early*.")
@@ -229,8 +227,8 @@ with ui.guard("nb"):
         net_k = ui.keynet_model(choice, kst, ws.spec)
         if idx_k is None or net_k is None:
             st.stop()
-        theta_k = kn.keynet_theta(kst, where) or theta
-        ex_k = retrieval.explain(idx_k, kn.keynet_query(net_k, ws.spec, idx_k, img, q.p_net), theta_k, 1.0, k=k)
+        theta_k = ui.keynet_theta(choice, kst) or theta
+        ex_k = retrieval.explain(idx_k, ui.keynet_query(net_k, ws.spec, idx_k, img, q.p_net), theta_k, 1.0, k=k)
         st.markdown(f"**Key network → {kst.layer}** ({idx_k.memory.dim:,}-d keys, the network never runs) · cache "
                     f"vote **{classes[ex_k.pred_mem]}**{verdict(ex_k.pred_mem)} ({ex_k.p_mem.max():.0%}) at its tuned "
                     f"θ = {theta_k:g}, against all {len(idx_k):,} stored items")

@@ -79,3 +79,25 @@ def test_resnet20_jacobians_as_the_readme_says(cifar_dir):
         sv = s["mean_singular_values"]
         assert len(sv) == 10 and sv == sorted(sv, reverse=True), m
         assert sv[-1] < 1e-4 * sv[0], m
+
+
+def test_resnet20_answers_early_as_the_readme_says(cifar_dir):
+    """The Answer early section on real data (a 10,000-image training set, cache 2.5% of it):
+    only the last block's cache answers near the network; one stage earlier it is far worse; a
+    truncated pass equals the cache-only answer of the engine's kernel; a gate at tau 0 exits
+    everything and at tau > 1 nothing."""
+    from cacheviz.early import Early
+
+    setup = Setup(dataset="cifar10", model="resnet20", train_limit=10000, test_limit=2000)
+    rows = Early(setup, layers=("layer2.2", "layer3.2"), fractions=(0.025,), taus=(0.0, 0.9, 1.5),
+                 timing_images=200, reps=1).run(cifar_dir, "cpu")
+    full = next(r for r in rows if r["mode"] == "full")
+    trunc = {r["layer"]: r for r in rows if r["mode"] == "truncated"}
+    assert trunc["layer3.2"]["n_cache"] == 250
+    assert trunc["layer3.2"]["accuracy"] > full["accuracy"] - 0.04
+    assert trunc["layer2.2"]["accuracy"] < full["accuracy"] - 0.2
+    for r in rows:
+        if r["mode"] == "gated" and r["tau"] == 0.0:
+            assert r["exit_share"] == 1.0 and r["accuracy"] == pytest.approx(trunc[r["layer"]]["accuracy"])
+        if r["mode"] == "gated" and r["tau"] == 1.5:
+            assert r["exit_share"] == 0.0 and r["accuracy"] == pytest.approx(full["accuracy"])

@@ -18,7 +18,8 @@ import logging as _logging
 import os as _os
 
 from .early import (early_cli, early_layers, early_study, early_table, faster_within, keynet_cli, keynet_default,
-                    keynet_label, keynet_model, keynet_study, keynet_tables, trained_keynets)
+                    keynet_label, keynet_model, keynet_query, keynet_study, keynet_tables, keynet_theta,
+                    trained_keynets)
 from .jacobian import (RHO_ATTACKS, THETA_RANGE, by_network_norm, clicked_point, correlation_table, jacobian_cli, jacobian_default_n,
                        jacobian_study, jacobian_summary, norm_table, norms_of, rho_group, rho_rows)
 from .jobs import Job, JobBoard
@@ -52,7 +53,7 @@ if not _log.handlers:
 
 __all__ = [
     "early_cli", "early_layers", "early_study", "early_table", "faster_within", "keynet_cli", "keynet_default", "keynet_label", "keynet_model", "trained_keynets", "keynet_study",
-    "keynet_tables",
+    "keynet_tables", "keynet_query", "keynet_theta",
     "Job", "JobBoard", "WIDGETS", "message", "markdown_text", "upload_name", "ensure_entrypoint", "entrypoint_started", "page_config", "pages",
     "build_panel", "experiment_page", "guard", "index_job", "load_index", "show_problem", "study_panel", "decode", "image_key",
     "picks", "query", "result_tag", "thumbnails", "workspace", "CIFAR", "CUSTOM", "DATASETS", "K_DATASET",

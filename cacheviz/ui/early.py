@@ -125,3 +125,17 @@ def _keynet_model(ident: str, where: str, _study, _spec):
 def keynet_model(choice: Choice, study, spec):
     """The stored trained key network of `study`, shared by the sessions (None if it is gone)."""
     return _keynet_model(study.ident(), str(choice.data_dir), study, spec)
+
+
+def keynet_query(net, spec, index, image, p_net):
+    """A Neighbours query whose key comes from the key network (the network's p_net kept for p)."""
+    from ..keynet import keynet_query as query
+
+    return query(net, spec, index, image, p_net)
+
+
+def keynet_theta(choice: Choice, study) -> float | None:
+    """The key network's tuned theta, from its stored rows (None when they are gone)."""
+    from ..keynet import keynet_theta as theta
+
+    return theta(study, choice.data_dir)
