@@ -3,15 +3,14 @@ tau slider moving the gated rows, bad numbers as one sentence, and the key netwo
 from __future__ import annotations
 
 import json
-import time
-from pathlib import Path
 
 import pytest
 
 pytest.importorskip("streamlit")
-from streamlit.testing.v1 import AppTest  # noqa: E402
 
-TIMEOUT = 300
+from apptest import no_problems, open_page, until  # noqa: E402
+
+from cacheviz import ui  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -19,39 +18,16 @@ def entry(app_entry):
     return app_entry
 
 
-def _no_problems(at: AppTest) -> None:
-    assert not at.exception, [e.value for e in at.exception]
-    assert not at.error, [e.value for e in at.error]
-
-
-def _until(at: AppTest, done, timeout: float = TIMEOUT) -> AppTest:
-    end = time.time() + timeout
-    while not done(at):
-        _no_problems(at)
-        assert time.time() < end, "the job did not finish in time"
-        time.sleep(0.2)
-        at.run()
-    return at
-
-
-def _page(entry) -> AppTest:
-    at = AppTest.from_file(entry, default_timeout=TIMEOUT)
-    at.run()
-    at.switch_page(str(Path(__file__).resolve().parents[1] / "pages" / "early.py")).run()
-    _no_problems(at)
-    return at
-
-
 def test_answer_early_page_runs_and_its_tau_slider_moves_the_gated_rows(env, entry):
-    at = _page(entry)
+    at = open_page(entry, "early.py")
     assert at.title[0].value == "Answer early"
     assert at.multiselect(key="ea_layers_digits-cnn").value == ["pool", "relu3"]
     at.text_input(key="ea_fractions").set_value("0.1, 1").run()
     at.text_input(key="ea_taus").set_value("0.5, 0.99").run()
     at.number_input(key="ea_timing").set_value(100).run()
     at.button(key="ea_run").click().run()
-    _until(at, lambda a: any(d for d in a.dataframe if "ms / image" in d.value.columns))
-    _no_problems(at)
+    until(at, lambda a: any(d for d in a.dataframe if "ms / image" in d.value.columns))
+    no_problems(at)
     (table,) = [d for d in at.dataframe if "ms / image" in d.value.columns]
     df = table.value
     assert set(df["model"]) == {"full", "truncated", "gated, τ = 0.99", "cascade"}
@@ -62,26 +38,26 @@ def test_answer_early_page_runs_and_its_tau_slider_moves_the_gated_rows(env, ent
         any("No configuration here is faster" in i.value for i in at.info)
     slider = [s for s in at.select_slider if s.key.startswith("ea_tau_")][0]
     slider.set_value(0.5).run()
-    _no_problems(at)
+    no_problems(at)
     (table,) = [d for d in at.dataframe if "ms / image" in d.value.columns]
     assert "gated, τ = 0.5" in set(table.value["model"])
     assert any("python -m cacheviz early --dataset digits --model digits-cnn" in c.value for c in at.caption)
 
 
 def test_bad_numbers_are_one_sentence(env, entry):
-    at = _page(entry)
+    at = open_page(entry, "early.py")
     at.text_input(key="ea_fractions").set_value("a tenth").run()
     assert not at.exception
     assert any("cache sizes" in e.value for e in at.error)
 
 
 def test_key_network_section_trains_and_shows_the_seeds_table(env, entry):
-    at = _page(entry)
+    at = open_page(entry, "early.py")
     at.text_input(key="ea_kn_epochs").set_value("2, 1").run()
     at.number_input(key="ea_kn_frac").set_value(0.5).run()
     at.button(key="ea_kn_run").click().run()
-    _until(at, lambda a: any(d for d in a.dataframe if "parameters" in d.value.columns))
-    _no_problems(at)
+    until(at, lambda a: any(d for d in a.dataframe if "parameters" in d.value.columns))
+    no_problems(at)
     (main,) = [d for d in at.dataframe if "parameters" in d.value.columns]
     assert list(main.value["model"]) == ["network (whole)", "key network + cache", "network to the layer + cache"]
     (robust,) = [d for d in at.dataframe if "key network (%)" in d.value.columns]
@@ -95,11 +71,26 @@ def test_neighbours_page_queries_a_trained_key_network(env, entry):
     from cacheviz.experiment import Evaluate
 
     Evaluate(Setup(dataset="digits", model="digits-cnn", layers=("pool", "relu3"))).run(env, "cpu")
-    at = AppTest.from_file(entry, default_timeout=TIMEOUT)
-    at.run()
-    at.switch_page(str(Path(__file__).resolve().parents[1] / "pages" / "neighbours.py")).run()
-    _no_problems(at)
+    at = open_page(entry, "neighbours.py")
     at.toggle(key="nb_keynet").set_value(True).run()
-    _no_problems(at)
+    no_problems(at)
     assert at.selectbox(key="nb_kn_pick").options, "the stored key network is offered"
     assert any("Key network → pool" in m.value and "the network never runs" in m.value for m in at.markdown)
+
+
+def test_command_lines_carry_the_sidebars_setup():
+    """The page's "the same numbers as" lines: the setup's protocol and flips, and the exits or
+    teacher layer of the study, in a command the CLI accepts."""
+    from cacheviz.__main__ import build_parser
+    from cacheviz.config import Setup
+    from cacheviz.early import Early
+    from cacheviz.keynet import KeyNetStudy
+
+    paper = Setup(dataset="digits", model="digits-cnn", flip=True, val_from_train=134)
+    early = ui.early_cli(Early(paper, layers=("pool",), fractions=(0.1,)))
+    keynet = ui.keynet_cli(KeyNetStudy(Setup(flip=True), layer="pool"))
+    assert "--protocol paper --val-from-train 134" in early and "--layers pool" in early
+    assert "--fractions 0.1" in early and "--flip" in keynet and "--layer pool" in keynet
+    for cmd in (early, keynet):
+        args = build_parser().parse_args(cmd.split()[3:])
+        assert args.dataset == "digits" and args.model == "digits-cnn"

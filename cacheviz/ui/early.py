@@ -9,6 +9,7 @@ import streamlit as st
 from ..config import Setup
 from ..early import DEFAULT_FRACTIONS, DEFAULT_TAUS, TIMING_IMAGES, Early, exit_choices, frontier
 from .state import Choice
+from .studies import setup_cli
 from .tables import pct
 
 
@@ -54,11 +55,9 @@ def faster_within(rows: list[dict], points: float = 1.0) -> list[dict]:
 
 def early_cli(study: Early) -> str:
     s: Setup = study.setup
-    parts = ["python -m cacheviz early", f"--dataset {s.dataset}", f"--model {s.model}"]
+    parts = setup_cli("early", s, layers=False)  # --layers are the exits here
     if study.layers:
         parts.append(f"--layers {','.join(study.layers)}")
-    if s.train_limit:
-        parts.append(f"--train-limit {s.train_limit}")
     if tuple(study.fractions) != tuple(DEFAULT_FRACTIONS):
         parts.append(f"--fractions {','.join(f'{f:g}' for f in study.fractions)}")
     if tuple(study.taus) != tuple(DEFAULT_TAUS):
@@ -100,8 +99,9 @@ def keynet_tables(rows: list[dict]) -> tuple[list[dict], list[dict]]:
 
 def keynet_cli(study) -> str:
     s: Setup = study.setup
-    return (f"python -m cacheviz keynet --dataset {s.dataset} --model {s.model} --layer {study.layer} "
-            f"--loss {study.loss} --fraction {study.fraction:g} --epochs {study.epochs_regress},{study.epochs_metric}")
+    return " ".join(setup_cli("keynet", s, layers=False) + [
+        f"--layer {study.layer} --loss {study.loss} --fraction {study.fraction:g}",
+        f"--epochs {study.epochs_regress},{study.epochs_metric}"])
 
 
 def trained_keynets(choice: Choice) -> list:

@@ -4,13 +4,14 @@ default number of images, the |J| table, the command line, the explorer's sorted
 from __future__ import annotations
 
 from ..attacks import MODELS
-from ..config import PAPER_VAL_ITEMS, Setup
+from ..config import Setup
 from ..jacobian import RHO_ATTACKS  # noqa: F401 - re-exported: the attacks the page offers
 from ..jacobian import CPU_DEFAULT_N, Jacobians, rank_correlations, stored_rho, summary, with_rho
 from ..robustness import PAPER_N, Attack
 from ..study import StudyGroup
 from .panels import LOOKUP_MAX_AGE
 from .state import Choice
+from .studies import setup_cli
 
 THETA_RANGE = (10.0, 200.0)  # the explorer's theta slider: from a soft to a saturated softmax
 
@@ -77,17 +78,7 @@ def jacobian_cli(study: Jacobians) -> str:
     """The command line that computes the same rows (its --seed would reseed the split too, so
     it is written only where the images' seed is the setup's)."""
     s: Setup = study.setup
-    parts = ["python -m cacheviz jacobian", f"--dataset {s.dataset}", f"--model {s.model}"]
-    if s.layers:
-        parts.append(f"--layers {','.join(s.layers)}")
-    if s.train_limit:
-        parts.append(f"--train-limit {s.train_limit}")
-    if s.val_from_train:
-        parts.append("--protocol paper")
-        if s.val_from_train != PAPER_VAL_ITEMS:
-            parts.append(f"--val-from-train {s.val_from_train}")
-    elif s.flip:
-        parts.append("--flip")
+    parts = setup_cli("jacobian", s)
     parts.append(f"--n {study.n}")
     if study.seed == s.seed:
         parts.append(f"--seed {study.seed}")

@@ -6,7 +6,7 @@ import streamlit as st
 
 from .. import attacks as A
 from .. import config, resist, robustness, store
-from ..config import PAPER_VAL_ITEMS, Setup
+from ..config import Setup
 from ..errors import CachevizError
 from ..resist import Comparison, Lab
 from ..robustness import attack_study, pixel_scale
@@ -14,6 +14,7 @@ from ..rows import json_bytes
 from .messages import WIDGETS
 from .resources import cache_index, result_tag, workspace
 from .state import MODELS, Choice, test_size
+from .studies import setup_cli
 from .tables import export_buttons, pct
 
 MINIMAL_ATTACKS, CURVE_ATTACKS, CORRUPTIONS = A.MINIMAL_ATTACKS, A.CURVE_ATTACKS, A.CORRUPTIONS
@@ -79,17 +80,7 @@ def attack_cli(study) -> str:
     """The command line that computes the same rows. Its --seed would reseed the setup's split
     and tuning too, so it is written only when the images' seed is the setup's."""
     s: Setup = study.setup
-    parts = ["python -m cacheviz attack", f"--dataset {s.dataset}", f"--model {s.model}"]
-    if s.layers:
-        parts.append(f"--layers {','.join(s.layers)}")
-    if s.train_limit:
-        parts.append(f"--train-limit {s.train_limit}")
-    if s.val_from_train:
-        parts.append("--protocol paper")
-        if s.val_from_train != PAPER_VAL_ITEMS:
-            parts.append(f"--val-from-train {s.val_from_train}")
-    elif s.flip:
-        parts.append("--flip")
+    parts = setup_cli("attack", s)
     parts.append(f"--attack {study.attack}")
     if study.against:
         parts.append(f"--against {study.against}")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..config import Setup
+from ..config import PAPER_VAL_ITEMS, Setup
 from ..features import OUTPUTS, LayerInfo
 from ..study import StudyGroup
 from ..sweeps import LayerSweep, SizeSweep, table1_group
@@ -75,3 +75,21 @@ def missing_data_note(choice: Choice) -> str | None:
 def cli_flags(s: Setup) -> str:
     """The command-line options that give `s`'s cache (size, flips), for 'the same numbers as' notes."""
     return (f" --train-limit {s.train_limit}" if s.train_limit else "") + (" --flip" if s.flip else "")
+
+
+def setup_cli(command: str, s: Setup, layers: bool = True) -> list[str]:
+    """The start of the command line that runs `command` on setup `s`: dataset, model, key layers
+    (unless the study takes its own), cache limit, protocol and flips — what every page's
+    "the same numbers as ..." line shares."""
+    parts = [f"python -m cacheviz {command}", f"--dataset {s.dataset}", f"--model {s.model}"]
+    if layers and s.layers:
+        parts.append(f"--layers {','.join(s.layers)}")
+    if s.train_limit:
+        parts.append(f"--train-limit {s.train_limit}")
+    if s.val_from_train:
+        parts.append("--protocol paper")
+        if s.val_from_train != PAPER_VAL_ITEMS:
+            parts.append(f"--val-from-train {s.val_from_train}")
+    elif s.flip:
+        parts.append("--flip")
+    return parts
