@@ -8,6 +8,7 @@ waits for the gallery and saves a screenshot (its path is printed). Needs Debian
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import time
@@ -45,6 +46,26 @@ def server(tmp_path):
         text = log.read_text()
         assert "Traceback" not in text, text[-3000:]
 
+
+
+@contextlib.contextmanager
+def _built_app(server, height: int):
+    """Headless Chromium on the app with the offline preset's cache built: (page, screenshot folder)."""
+    from playwright.sync_api import sync_playwright
+
+    url, tmp = server
+    shots = Path(os.environ.get("CACHEVIZ_SHOTS_DIR") or tmp)
+    shots.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=_load_harness().CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": height})
+            page.goto(url)
+            page.get_by_role("button", name="Build cache").click(timeout=60_000)
+            page.get_by_text("Network alone").wait_for(timeout=180_000)
+            yield page, shots
+        finally:
+            browser.close()
 
 def test_build_upload_and_gallery_in_chromium(server):
     from playwright.sync_api import sync_playwright
@@ -95,50 +116,36 @@ def test_robustness_lab_and_why_it_resists_in_chromium(server):
     resists" moving the epsilon slider (keyboard, as a user would) redraws the adversarial."""
     import re
 
-    from playwright.sync_api import sync_playwright
+    with _built_app(server, 2200) as (page, shots):
+        page.get_by_role("link", name="Robustness lab (Tables 2–4)").first.click()
+        n_box = page.get_by_role("spinbutton", name="Images (N)")
+        n_box.wait_for(timeout=60_000)
+        n_box.fill("20")
+        n_box.press("Enter")
+        page.get_by_role("button", name="Run the attack").click(timeout=60_000)
+        page.get_by_text("Mean ρ_adv (successes)").wait_for(timeout=180_000)
+        page.locator("[data-testid=stMain] .js-plotly-plot").first.wait_for(timeout=60_000)
+        time.sleep(1.0)
+        page.screenshot(path=str(shots / "browser-robustness.png"))
 
-    url, tmp = server
-    shots = Path(os.environ.get("CACHEVIZ_SHOTS_DIR") or tmp)
-    shots.mkdir(parents=True, exist_ok=True)
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=_load_harness().CHROMIUM_ARGS, headless=True)
-        try:
-            page = browser.new_page(viewport={"width": 1400, "height": 2200})
-            page.goto(url)
-            page.get_by_role("button", name="Build cache").click(timeout=60_000)
-            page.get_by_text("Network alone").wait_for(timeout=180_000)
-
-            page.get_by_role("link", name="Robustness lab (Tables 2–4)").first.click()
-            n_box = page.get_by_role("spinbutton", name="Images (N)")
-            n_box.wait_for(timeout=60_000)
-            n_box.fill("20")
-            n_box.press("Enter")
-            page.get_by_role("button", name="Run the attack").click(timeout=60_000)
-            page.get_by_text("Mean ρ_adv (successes)").wait_for(timeout=180_000)
-            page.locator("[data-testid=stMain] .js-plotly-plot").first.wait_for(timeout=60_000)
-            time.sleep(1.0)
-            page.screenshot(path=str(shots / "browser-robustness.png"))
-
-            page.get_by_role("link", name="Why it resists").first.click()
-            page.get_by_text("Does the adversarial still retrieve its true class?").wait_for(timeout=120_000)
-            before = page.get_by_text(re.compile(r"^adversarial · ρ_adv")).first.inner_text()
-            thumb = page.locator('[data-testid="stSlider"]', has_text="ε").get_by_role("slider")
-            thumb.focus()
-            for _ in range(40):
-                thumb.press("ArrowRight")
-            deadline = time.time() + 60
-            after = before
-            while time.time() < deadline and after == before:
-                time.sleep(0.5)
-                after = page.get_by_text(re.compile(r"^adversarial · ρ_adv")).first.inner_text()
-            assert after != before, "moving epsilon did not redraw the adversarial"
-            assert float(after.split()[-1]) > float(before.split()[-1])
-            time.sleep(1.0)
-            shot = shots / "browser-why-it-resists.png"
-            page.screenshot(path=str(shot))
-            assert page.get_by_text("Traceback").count() == 0
-        finally:
-            browser.close()
+        page.get_by_role("link", name="Why it resists").first.click()
+        page.get_by_text("Does the adversarial still retrieve its true class?").wait_for(timeout=120_000)
+        before = page.get_by_text(re.compile(r"^adversarial · ρ_adv")).first.inner_text()
+        thumb = page.locator('[data-testid="stSlider"]', has_text="ε").get_by_role("slider")
+        thumb.focus()
+        for _ in range(40):
+            thumb.press("ArrowRight")
+        deadline = time.time() + 60
+        after = before
+        while time.time() < deadline and after == before:
+            time.sleep(0.5)
+            after = page.get_by_text(re.compile(r"^adversarial · ρ_adv")).first.inner_text()
+        assert after != before, "moving epsilon did not redraw the adversarial"
+        assert float(after.split()[-1]) > float(before.split()[-1])
+        time.sleep(1.0)
+        shot = shots / "browser-why-it-resists.png"
+        page.screenshot(path=str(shot))
+        assert page.get_by_text("Traceback").count() == 0
     print(f"\nscreenshots: {shots / 'browser-robustness.png'}, {shot}")
 
 
@@ -148,105 +155,77 @@ def test_jacobians_page_and_explorer_in_chromium(server):
     cache neighbours and its per-class heat-maps."""
     import re
 
-    from playwright.sync_api import sync_playwright
+    with _built_app(server, 2400) as (page, shots):
+        page.get_by_role("link", name="Jacobians (Fig. 4)").first.click()
+        n_box = page.get_by_role("spinbutton", name="Images (N)")
+        n_box.wait_for(timeout=60_000)
+        n_box.fill("20")
+        n_box.press("Enter")
+        page.get_by_role("button", name="Compute the Jacobians").click(timeout=60_000)
+        page.get_by_text("One image's Jacobian").wait_for(timeout=180_000)
+        picked = re.compile(r"^test #(\d+) · true ")
+        page.get_by_text(picked).first.wait_for(timeout=120_000)
+        first = int(picked.match(page.get_by_text(picked).first.inner_text()).group(1))
 
-    url, tmp = server
-    shots = Path(os.environ.get("CACHEVIZ_SHOTS_DIR") or tmp)
-    shots.mkdir(parents=True, exist_ok=True)
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=_load_harness().CHROMIUM_ARGS, headless=True)
-        try:
-            page = browser.new_page(viewport={"width": 1400, "height": 2400})
-            page.goto(url)
-            page.get_by_role("button", name="Build cache").click(timeout=60_000)
-            page.get_by_text("Network alone").wait_for(timeout=180_000)
-
-            page.get_by_role("link", name="Jacobians (Fig. 4)").first.click()
-            n_box = page.get_by_role("spinbutton", name="Images (N)")
-            n_box.wait_for(timeout=60_000)
-            n_box.fill("20")
-            n_box.press("Enter")
-            page.get_by_role("button", name="Compute the Jacobians").click(timeout=60_000)
-            page.get_by_text("One image's Jacobian").wait_for(timeout=180_000)
-            picked = re.compile(r"^test #(\d+) · true ")
-            page.get_by_text(picked).first.wait_for(timeout=120_000)
-            first = int(picked.match(page.get_by_text(picked).first.inner_text()).group(1))
-
-            # the scatter of the network against the cache model: click a point other than the
-            # explorer's current image
-            plot = page.locator(".js-plotly-plot", has_text="network against cache (").first
-            plot.scroll_into_view_if_needed()
-            points = plot.locator(".scatterlayer .trace").nth(1).locator("path.point")
-            ids = plot.evaluate("gd => gd.data[1].customdata")
-            k = next(i for i, v in enumerate(ids) if int(v) != first)
-            points.nth(k).click(force=True)
-            deadline = time.time() + 90
-            now = first
-            while time.time() < deadline and now != int(ids[k]):
-                time.sleep(0.5)
-                loc = page.get_by_text(picked)
-                now = int(picked.match(loc.first.inner_text()).group(1)) if loc.count() else now
-            assert now == int(ids[k]), f"clicking test #{ids[k]} left the explorer on #{now}"
-            page.get_by_text("nearest stored images").first.wait_for(timeout=60_000)
-            page.locator(".js-plotly-plot", has_text="per class c").first.wait_for(timeout=120_000)
-            time.sleep(1.0)
-            shot = shots / "browser-jacobians.png"
-            page.screenshot(path=str(shot), full_page=True)
-            assert page.get_by_text("Traceback").count() == 0
-        finally:
-            browser.close()
+        # the scatter of the network against the cache model: click a point other than the
+        # explorer's current image
+        plot = page.locator(".js-plotly-plot", has_text="network against cache (").first
+        plot.scroll_into_view_if_needed()
+        points = plot.locator(".scatterlayer .trace").nth(1).locator("path.point")
+        ids = plot.evaluate("gd => gd.data[1].customdata")
+        k = next(i for i, v in enumerate(ids) if int(v) != first)
+        points.nth(k).click(force=True)
+        deadline = time.time() + 90
+        now = first
+        while time.time() < deadline and now != int(ids[k]):
+            time.sleep(0.5)
+            loc = page.get_by_text(picked)
+            now = int(picked.match(loc.first.inner_text()).group(1)) if loc.count() else now
+        assert now == int(ids[k]), f"clicking test #{ids[k]} left the explorer on #{now}"
+        page.get_by_text("nearest stored images").first.wait_for(timeout=60_000)
+        page.locator(".js-plotly-plot", has_text="per class c").first.wait_for(timeout=120_000)
+        time.sleep(1.0)
+        shot = shots / "browser-jacobians.png"
+        page.screenshot(path=str(shot), full_page=True)
+        assert page.get_by_text("Traceback").count() == 0
     print(f"\nscreenshot: {shot}")
 
 
 def test_answer_early_page_and_key_network_in_chromium(server):
     """Answer early in a real browser: measure a small frontier, move the tau slider, train a
     key network, then query it from the Neighbours page."""
-    from playwright.sync_api import sync_playwright
+    with _built_app(server, 2400) as (page, shots):
+        page.get_by_role("link", name="Answer early").first.click()
+        sizes = page.get_by_role("textbox", name="Cache sizes (fractions of the training set)")
+        sizes.wait_for(timeout=60_000)
+        sizes.fill("0.05, 0.5")
+        sizes.press("Enter")
+        timed = page.get_by_role("spinbutton", name="Timed images")
+        timed.fill("200")
+        timed.press("Enter")
+        page.get_by_role("button", name="Measure the frontier").click(timeout=60_000)
+        page.locator(".js-plotly-plot", has_text="Answering early").first.wait_for(timeout=240_000)
+        verdict = page.get_by_text("than the network").first
+        verdict.wait_for(timeout=60_000)
+        assert page.locator(".js-plotly-plot", has_text="full network").count() >= 1
 
-    url, tmp = server
-    shots = Path(os.environ.get("CACHEVIZ_SHOTS_DIR") or tmp)
-    shots.mkdir(parents=True, exist_ok=True)
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=_load_harness().CHROMIUM_ARGS, headless=True)
-        try:
-            page = browser.new_page(viewport={"width": 1400, "height": 2400})
-            page.goto(url)
-            page.get_by_role("button", name="Build cache").click(timeout=60_000)
-            page.get_by_text("Network alone").wait_for(timeout=180_000)
+        epochs = page.get_by_role("textbox", name="Epochs (regression, metric)")
+        epochs.fill("2, 1")
+        epochs.press("Enter")
+        page.get_by_role("button", name="Train the key network").click(timeout=60_000)
+        page.get_by_text("Trained in").first.wait_for(timeout=240_000)
+        # the seed's two tables (model rows, robustness rows); grids draw on a canvas
+        assert page.locator('[data-testid="stDataFrame"]').count() >= 3
+        assert page.get_by_text("after FGSM at ε", exact=False).count() >= 1
+        time.sleep(1.0)
+        shot = shots / "browser-early.png"
+        page.screenshot(path=str(shot), full_page=True)
 
-            page.get_by_role("link", name="Answer early").first.click()
-            sizes = page.get_by_role("textbox", name="Cache sizes (fractions of the training set)")
-            sizes.wait_for(timeout=60_000)
-            sizes.fill("0.05, 0.5")
-            sizes.press("Enter")
-            timed = page.get_by_role("spinbutton", name="Timed images")
-            timed.fill("200")
-            timed.press("Enter")
-            page.get_by_role("button", name="Measure the frontier").click(timeout=60_000)
-            page.locator(".js-plotly-plot", has_text="Answering early").first.wait_for(timeout=240_000)
-            verdict = page.get_by_text("than the network").first
-            verdict.wait_for(timeout=60_000)
-            assert page.locator(".js-plotly-plot", has_text="full network").count() >= 1
-
-            epochs = page.get_by_role("textbox", name="Epochs (regression, metric)")
-            epochs.fill("2, 1")
-            epochs.press("Enter")
-            page.get_by_role("button", name="Train the key network").click(timeout=60_000)
-            page.get_by_text("Trained in").first.wait_for(timeout=240_000)
-            # the seed's two tables (model rows, robustness rows); grids draw on a canvas
-            assert page.locator('[data-testid="stDataFrame"]').count() >= 3
-            assert page.get_by_text("after FGSM at ε", exact=False).count() >= 1
-            time.sleep(1.0)
-            shot = shots / "browser-early.png"
-            page.screenshot(path=str(shot), full_page=True)
-
-            page.get_by_role("link", name="Neighbours").first.click()
-            page.get_by_text("nearest stored images").first.wait_for(timeout=60_000)
-            page.get_by_text("Query with a trained key network").click()
-            page.get_by_text("the network never runs").first.wait_for(timeout=120_000)
-            shot2 = shots / "browser-early-neighbours.png"
-            page.screenshot(path=str(shot2), full_page=True)
-            assert page.get_by_text("Traceback").count() == 0
-        finally:
-            browser.close()
+        page.get_by_role("link", name="Neighbours").first.click()
+        page.get_by_text("nearest stored images").first.wait_for(timeout=60_000)
+        page.get_by_text("Query with a trained key network").click()
+        page.get_by_text("the network never runs").first.wait_for(timeout=120_000)
+        shot2 = shots / "browser-early-neighbours.png"
+        page.screenshot(path=str(shot2), full_page=True)
+        assert page.get_by_text("Traceback").count() == 0
     print(f"\nscreenshots: {shot}, {shot2}")

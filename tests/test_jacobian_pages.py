@@ -5,7 +5,6 @@ explorer (`jacobian.heatmaps`, `jacobian.spectrum_at_theta`)."""
 from __future__ import annotations
 
 import json
-import time
 
 import numpy as np
 import pytest
@@ -14,6 +13,8 @@ import torch
 pytest.importorskip("streamlit")
 from streamlit.testing.v1 import AppTest  # noqa: E402
 
+from apptest import no_problems, open_page, until  # noqa: E402
+
 from cacheviz import ui  # noqa: E402
 from cacheviz.config import Setup  # noqa: E402
 from cacheviz.jacobian import batch_jacobians, heatmaps, jacobian_stats, spectrum_at_theta  # noqa: E402
@@ -21,7 +22,6 @@ from cacheviz.progress import Silent  # noqa: E402
 from cacheviz.robustness import load_victims  # noqa: E402
 from cacheviz.study import Run  # noqa: E402
 
-TIMEOUT = 300
 PAGE_SETUP = Setup(dataset="digits", model="digits-cnn", layers=("pool", "relu3"))  # the offline preset
 TEST_PART = 225
 
@@ -87,21 +87,6 @@ def entry(app_entry):
     return app_entry
 
 
-def _no_problems(at: AppTest) -> None:
-    assert not at.exception, [e.value for e in at.exception]
-    assert not at.error, [e.value for e in at.error]
-
-
-def _until(at: AppTest, done, timeout: float = TIMEOUT) -> AppTest:
-    end = time.time() + timeout
-    while not done(at):
-        _no_problems(at)
-        assert time.time() < end, "the job did not finish in time"
-        time.sleep(0.2)
-        at.run()
-    return at
-
-
 def _figures(at: AppTest) -> dict[str, dict]:
     return {c.proto.id: json.loads(c.proto.spec) for c in at.get("plotly_chart")}
 
@@ -114,22 +99,15 @@ def _titles(at: AppTest) -> list[str]:
     return out
 
 
-
-
 def test_jacobian_page_runs_and_explores(env, entry):
-    from pathlib import Path
-
-    at = AppTest.from_file(entry, default_timeout=TIMEOUT)
-    at.run()
-    at.switch_page(str(Path(__file__).resolve().parents[1] / "pages" / "jacobian.py")).run()
-    _no_problems(at)
+    at = open_page(entry, "jacobian.py")
     assert at.title[0].value.startswith("Jacobians")
     n_input = [w for w in at.number_input if w.key.startswith("jc_n_")][0]
     assert n_input.value == TEST_PART, "500 on the CPU, clamped to the digits test part"
     n_input.set_value(20).run()
     at.button(key="jc_run").click().run()
-    _until(at, lambda a: any("Mean singular values" in t for t in _titles(a)) and len(a.get("plotly_chart")) >= 6)
-    _no_problems(at)
+    until(at, lambda a: any("Mean singular values" in t for t in _titles(a)) and len(a.get("plotly_chart")) >= 6)
+    no_problems(at)
     titles = _titles(at)
     assert any(t.startswith("Mean singular values of the input-output Jacobian (20 test images)") for t in titles)
     assert any("network against cache (" in t for t in titles)
@@ -146,8 +124,8 @@ def test_jacobian_page_runs_and_explores(env, entry):
     # |J| against the lab's minimal rho_adv: nothing stored yet, so the page offers to run it
     assert at.selectbox(key="jc_rho_attack").value == "fgsm"
     at.button(key="jc_rho_fgsm_run").click().run()
-    _until(at, lambda a: any("against the minimal fgsm" in t for t in _titles(a)))
-    _no_problems(at)
+    until(at, lambda a: any("against the minimal fgsm" in t for t in _titles(a)))
+    no_problems(at)
     (corr,) = [d for d in at.dataframe if "Spearman (|J|, ρ_adv)" in d.value.columns]
     assert set(corr.value["model"]) <= {"network", "cache", "cache-only"} and len(corr.value) >= 1
     assert ((corr.value["Spearman (|J|, ρ_adv)"] >= -1) & (corr.value["Spearman (|J|, ρ_adv)"] <= 1)).all()
@@ -159,7 +137,7 @@ def test_jacobian_page_runs_and_explores(env, entry):
     heat = [f for t, f in zip(titles, _figures(at).values()) if "per class" in t]
     assert len(heat) == 1 and sum(tr["type"] == "heatmap" for tr in heat[0]["data"]) == 10
     picker.select_index(3).run()
-    _no_problems(at)
+    no_problems(at)
     # the image and its 12 neighbours from the cache
     imgs = [im for el in at.get("image") for im in el.proto.imgs]
     assert len(imgs) == 1 + ui.NEIGHBOURS
@@ -171,6 +149,6 @@ def test_jacobian_page_runs_and_explores(env, entry):
 
     before = spectrum(at)
     at.slider(key="jc_theta").set_value(200.0).run()
-    _no_problems(at)
+    no_problems(at)
     after = spectrum(at)
     assert len(after) == 10 and not np.allclose(before, after)

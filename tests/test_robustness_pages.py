@@ -20,11 +20,12 @@ import torch
 pytest.importorskip("streamlit")
 from streamlit.testing.v1 import AppTest  # noqa: E402
 
+from apptest import no_problems, open_page, until  # noqa: E402
+
 from cacheviz import plots, ui  # noqa: E402
 from cacheviz.config import Setup  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-PAGES = REPO / "pages"
 TIMEOUT = 180
 APP = ""
 PAGE_SETUP = Setup(dataset="digits", model="digits-cnn", layers=("pool", "relu3"))  # the offline preset
@@ -36,29 +37,6 @@ def entry(app_entry):
     global APP
     APP = app_entry
     return APP
-
-
-def _no_problems(at: AppTest) -> None:
-    assert not at.exception, [e.value for e in at.exception]
-    assert not at.error, [e.value for e in at.error]
-
-
-def _until(at: AppTest, done, timeout: float = TIMEOUT) -> AppTest:
-    end = time.time() + timeout
-    while not done(at):
-        _no_problems(at)
-        assert time.time() < end, "the job did not finish in time"
-        time.sleep(0.2)
-        at.run()
-    return at
-
-
-def _page(page: str) -> AppTest:
-    at = AppTest.from_file(APP, default_timeout=TIMEOUT)
-    at.run()
-    at.switch_page(str(PAGES / page)).run()
-    _no_problems(at)
-    return at
 
 
 def _texts(at: AppTest) -> str:
@@ -82,11 +60,11 @@ def _downloads(at: AppTest) -> list[str]:
 
 
 def _resists_built(env) -> AppTest:
-    at = _page("resists.py")
+    at = open_page(APP, "resists.py")
     if [b for b in at.button if b.key == "wr_build"]:
         at.button(key="wr_build").click().run()
-    _until(at, lambda a: "Does the adversarial still retrieve" in _texts(a))
-    _no_problems(at)
+    until(at, lambda a: "Does the adversarial still retrieve" in _texts(a))
+    no_problems(at)
     return at
 
 
@@ -96,7 +74,7 @@ def _rho(at: AppTest) -> str:
 
 
 def test_why_it_resists_builds_then_shows_both_images_and_neighbours(env):
-    at = _page("resists.py")
+    at = open_page(APP, "resists.py")
     assert at.title[0].value.startswith("Why it resists")
     assert at.button(key="wr_build").label == "Build cache", "nothing is built yet: the build button"
     t0 = time.perf_counter()
@@ -120,13 +98,13 @@ def test_why_it_resists_builds_then_shows_both_images_and_neighbours(env):
     # the slider recomputes: rho and the adversarial's probabilities move with epsilon
     rho_before, adv_before = _rho(at), probs[1]["data"][0]["y"]
     at.slider(key="wr_eps").set_value(0.4).run()
-    _no_problems(at)
+    no_problems(at)
     assert _rho(at) != rho_before and float(_rho(at)) > float(rho_before)
     assert _figures(at)[1]["data"][0]["y"] != adv_before
     assert _figures(at)[0]["data"][0]["y"] == probs[0]["data"][0]["y"], "the clean side does not change"
     # at epsilon 0 nothing moves: the two sides agree
     at.slider(key="wr_eps").set_value(0.0).run()
-    _no_problems(at)
+    no_problems(at)
     assert float(_rho(at)) == 0
     clean, adv = _figures(at)
     assert [t["y"] for t in clean["data"]] == [t["y"] for t in adv["data"]]
@@ -135,7 +113,7 @@ def test_why_it_resists_builds_then_shows_both_images_and_neighbours(env):
     at.radio(key="wr_attack").set_value("ifgsm").run()
     at.radio(key="wr_against").set_value("cache").run()
     at.slider(key="wr_eps").set_value(0.3).run()
-    _no_problems(at)
+    no_problems(at)
     assert float(_rho(at)) > 0 and "Does the adversarial still retrieve" in _texts(at)
 
 
@@ -144,7 +122,7 @@ def test_why_it_resists_builds_then_shows_both_images_and_neighbours(env):
 
 
 def test_robustness_page_renders_and_clamps_n(env, monkeypatch):
-    at = _page("robustness.py")
+    at = open_page(APP, "robustness.py")
     assert at.title[0].value.startswith("Robustness lab")
     assert at.radio(key="rb_mode").value == ui.ROBUST_MODES[0]
     assert len(at.selectbox(key="rb_attack_0").options) == len(ui.MINIMAL_ATTACKS)
@@ -152,7 +130,7 @@ def test_robustness_page_renders_and_clamps_n(env, monkeypatch):
     assert at.toggle(key="rb_transfer").proto.disabled  # digits has one network
     assert at.button(key="rb_run")
     at.number_input(key=f"rb_n_{TEST_PART}").set_value(400).run()
-    _no_problems(at)
+    no_problems(at)
     assert any(f"holds {TEST_PART} images" in i.value for i in at.info)
     # Table 4 needs another network of the dataset: one that cannot load is one sentence, no run
     monkeypatch.setitem(ui.MODELS, "digits", ["digits-cnn", "no-such-net"])
@@ -162,20 +140,20 @@ def test_robustness_page_renders_and_clamps_n(env, monkeypatch):
     (warning,) = [w.value for w in at.warning]
     assert warning.startswith("no-such-net cannot be loaded") and not [b for b in at.button if b.key == "rb_run"]
     at.toggle(key="rb_transfer").set_value(False).run()
-    _no_problems(at)
+    no_problems(at)
     # a corruption needs no model: the model picker goes
     at.selectbox(key="rb_attack_0").set_value("blur").run()
-    _no_problems(at)
+    no_problems(at)
     assert not [r for r in at.radio if r.key == "rb_against"]
 
 
 def test_a_small_minimal_attack_shows_its_table_and_figure(env):
-    at = _page("robustness.py")
+    at = open_page(APP, "robustness.py")
     at.number_input(key=f"rb_n_{TEST_PART}").set_value(20).run()
     t0 = time.perf_counter()
     at.button(key="rb_run").click().run()
-    _until(at, lambda a: a.get("plotly_chart"))
-    _no_problems(at)
+    until(at, lambda a: a.get("plotly_chart"))
+    no_problems(at)
     print(f"FGSM on 20 digits through the page: {time.perf_counter() - t0:.1f} s")
     fig = _figures(at)[0]
     assert [t["name"] for t in fig["data"]] == ["clean images", "adversarial images"]
@@ -210,9 +188,9 @@ def test_a_small_minimal_attack_shows_its_table_and_figure(env):
 
 
 def test_curve_mode_refuses_bad_strengths_in_one_sentence_then_runs(env):
-    at = _page("robustness.py")
+    at = open_page(APP, "robustness.py")
     at.radio(key="rb_mode").set_value(ui.ROBUST_MODES[1]).run()
-    _no_problems(at)
+    no_problems(at)
     assert at.text_input(key="rb_eps_fgsm").value == ui.strengths_text("fgsm")
     at.text_input(key="rb_eps_fgsm").set_value("-0.1, 0.1").run()
     assert not at.exception
@@ -229,10 +207,10 @@ def test_curve_mode_refuses_bad_strengths_in_one_sentence_then_runs(env):
     assert "positive" in warning
     at.text_input(key="rb_eps_brightness").set_value("0.5, 1, 1.5").run()
     at.number_input(key=f"rb_n_{TEST_PART}").set_value(20).run()
-    _no_problems(at)
+    no_problems(at)
     at.button(key="rb_run").click().run()
-    _until(at, lambda a: a.get("plotly_chart"))
-    _no_problems(at)
+    until(at, lambda a: a.get("plotly_chart"))
+    no_problems(at)
     fig = _figures(at)[0]
     lines = [t for t in fig["data"] if t.get("mode") == "lines+markers"]
     bands = [t for t in fig["data"] if t.get("fill") == "toself"]
@@ -306,6 +284,6 @@ def test_the_pages_reached_directly_still_get_the_sidebar(env):
     at.run()
     for page, title in (("pages/robustness.py", "Robustness lab"), ("pages/resists.py", "Why it resists")):
         at.switch_page(page).run()
-        _no_problems(at)
+        no_problems(at)
         assert at.sidebar.selectbox(key=ui.K_PRESET).value == ui.OFFLINE
         assert at.title[0].value.startswith(title)

@@ -18,13 +18,13 @@ import pytest
 pytest.importorskip("streamlit")
 from streamlit.testing.v1 import AppTest  # noqa: E402
 
+from apptest import no_problems, open_page, until  # noqa: E402
+
 from cacheviz import plots, ui  # noqa: E402
 from cacheviz.config import Setup  # noqa: E402
 from cacheviz.errors import CachevizError  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-PAGES = REPO / "pages"
-TIMEOUT = 120
 APP = ""
 PAGE_FRACTIONS = [0.0, 0.01, 0.03, 0.1, 0.3, 1.0]  # the size page's defaults
 PAGE_SETUP = Setup(dataset="digits", model="digits-cnn", layers=("pool", "relu3"))  # the offline preset
@@ -37,38 +37,14 @@ def entry(app_entry):
     return APP
 
 
-def _no_problems(at: AppTest) -> None:
-    assert not at.exception, [e.value for e in at.exception]
-    assert not at.error, [e.value for e in at.error]
-
-
-def _until(at: AppTest, done, timeout: float = TIMEOUT, errors_ok: bool = False) -> AppTest:
-    end = time.time() + timeout
-    while not done(at):
-        assert not at.exception, [e.value for e in at.exception]
-        assert errors_ok or not at.error, [e.value for e in at.error]
-        assert time.time() < end, "the sweep did not finish in time"
-        time.sleep(0.2)
-        at.run()
-    return at
-
-
-def _page(page: str) -> AppTest:
-    at = AppTest.from_file(APP, default_timeout=TIMEOUT)
-    at.run()
-    at.switch_page(str(PAGES / page)).run()
-    _no_problems(at)
-    return at
-
-
 def _figure(at: AppTest, index: int = 0) -> dict:
     return json.loads(at.get("plotly_chart")[index].proto.spec)
 
 
 def _run_sweep(at: AppTest, key: str) -> AppTest:
     at.button(key=f"{key}_run").click().run()
-    _until(at, lambda a: a.get("plotly_chart"))
-    _no_problems(at)
+    until(at, lambda a: a.get("plotly_chart"))
+    no_problems(at)
     return at
 
 
@@ -90,7 +66,7 @@ def _png_ok(at: AppTest) -> None:
 
 
 def test_layer_sweep_page(env, monkeypatch):
-    at = _page("layers.py")
+    at = open_page(APP, "layers.py")
     assert at.title[0].value.startswith("Which layer")
     assert at.toggle(key="ls_retune").value is False and at.toggle(key="ls_exact").value is False
     assert at.select_slider(key="ls_dim").value == 1024
@@ -112,7 +88,7 @@ def test_layer_sweep_page(env, monkeypatch):
 
     # Exact keys: the estimate is shown; above the limit the page refuses with one sentence.
     at.toggle(key="ls_exact").set_value(True).run()
-    _no_problems(at)
+    no_problems(at)
     assert at.select_slider(key="ls_dim").proto.disabled
     assert at.button(key="ls_run"), "exact keys are another sweep: not stored yet"
     monkeypatch.setattr(ui, "EXACT_LIMIT_GB", 1e-6)
@@ -124,7 +100,7 @@ def test_layer_sweep_page(env, monkeypatch):
 
 
 def test_layer_sweep_page_retuned(env):
-    at = _page("layers.py")
+    at = open_page(APP, "layers.py")
     at.toggle(key="ls_retune").set_value(True).run()
     at.select_slider(key="ls_dim").set_value(256).run()
     _run_sweep(at, "ls")
@@ -139,7 +115,7 @@ def test_layer_sweep_page_retuned(env):
 
 
 def test_size_sweep_page(env):
-    at = _page("sizes.py")
+    at = open_page(APP, "sizes.py")
     assert at.title[0].value.startswith("How big")
     # too few sizes or seeds: one sentence, no run
     at.text_input(key="ss_fractions").set_value("0, 0.5, 1").run()
@@ -150,7 +126,7 @@ def test_size_sweep_page(env):
     at.text_input(key="ss_seeds").set_value("3").run()
     assert any("at least 2 different seeds" in w.value for w in at.warning)
     at.text_input(key="ss_seeds").set_value("0, 1").run()
-    _no_problems(at)
+    no_problems(at)
     t0 = time.perf_counter()
     _run_sweep(at, "ss")
     print(f"size sweep through the page: {time.perf_counter() - t0:.1f} s")
@@ -167,7 +143,7 @@ def test_size_sweep_page(env):
 
 
 def test_table1_page(env):
-    at = _page("table1.py")
+    at = open_page(APP, "table1.py")
     assert at.title[0].value.startswith("Table 1")
     assert at.multiselect(key="t1_models_digits").value == ["digits-cnn"]
     assert not at.toggle(key="t1_side").proto.disabled  # the preset chose key layers
@@ -185,12 +161,12 @@ def test_table1_page(env):
     _png_ok(at)
     # the sidebar's key layers for the 'cache' row: another table, run on demand
     at.toggle(key="t1_side").set_value(True).run()
-    _no_problems(at)
+    no_problems(at)
     assert at.button(key="t1_run")
 
 
 def test_a_second_session_gets_the_stored_sweep_at_once(env, digits_rows):
-    at = _page("layers.py")  # the sweep of test_layer_sweep_page, or of `digits_rows` when run alone
+    at = open_page(APP, "layers.py")  # the sweep of test_layer_sweep_page, or of `digits_rows` when run alone
     assert at.get("plotly_chart") and not [b for b in at.button if b.key == "ls_run"]
 
 
@@ -202,11 +178,11 @@ def test_a_failing_sweep_reports_one_sentence(env, monkeypatch):
         raise CachevizError("the digits went missing", "restore them", param="dataset", value="digits")
 
     monkeypatch.setattr(LayerSweep, "compute", broken)
-    at = _page("layers.py")
+    at = open_page(APP, "layers.py")
     at.toggle(key="ls_retune").set_value(True).run()
     at.select_slider(key="ls_dim").set_value(64).run()
     at.button(key="ls_run").click().run()
-    _until(at, lambda a: a.error, timeout=30, errors_ok=True)
+    until(at, lambda a: a.error, timeout=30, errors_ok=True)
     assert [e.value for e in at.error] == ["Dataset (digits): the digits went missing; restore them."]
     assert at.button(key="ls_run"), "it can be tried again"
 
