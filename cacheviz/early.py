@@ -15,6 +15,7 @@ study's device.
 """
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -65,13 +66,21 @@ def default_exit_layers(spec) -> list[str]:
     return [n for n in exit_layers(spec) if depth.get(n, 0) >= MIN_EXIT_DEPTH and n != "avgpool"]
 
 
-def exit_choices(model: str) -> tuple[list[str], list[str]]:
-    """(every exit layer, the default ones) of a registered model, from its architecture alone
-    (no weights loaded); ([], []) for a model that cannot answer early here."""
+@functools.lru_cache(maxsize=16)
+def architecture(model: str):
+    """A registered model's spec built from its architecture alone (no weights loaded), or None
+    when it cannot answer early here (no chain of steps)."""
     from .models import architecture_only, untrained_digits_spec
 
     spec = untrained_digits_spec() if model == "digits-cnn" else architecture_only(model)
-    if spec is None or segments(spec.net) is None:
+    return None if spec is None or segments(spec.net) is None else spec
+
+
+def exit_choices(model: str) -> tuple[list[str], list[str]]:
+    """(every exit layer, the default ones) of a registered model, from its architecture alone;
+    ([], []) for a model that cannot answer early here."""
+    spec = architecture(model)
+    if spec is None:
         return [], []
     return exit_layers(spec), default_exit_layers(spec)
 
@@ -303,9 +312,8 @@ class Early(Study):
         for i, (layer, frac) in enumerate(todo):
             n = max(len(ws.ds.classes), int(round(frac * len(y_universe))))
             subset = balanced_subset(y_universe, n, self.setup.seed)
-            sc = score_keys(data, [layer], thetas, lams, subset=subset, knn_k=KNN_K)
-            mem = data.memory([layer], "test", subset)
-            scores[(layer, frac)] = (sc, Exit(layer, mem, sc.theta_cache_only, sc.theta, sc.lam))
+            sc = score_keys(data, [layer], thetas, lams, subset=subset, knn_k=KNN_K, keep_memory=True)
+            scores[(layer, frac)] = (sc, Exit(layer, sc.memory, sc.theta_cache_only, sc.theta, sc.lam))
             run.progress.step(i + 1, len(todo), f"{layer}, {frac:.1%} of the training set")
         data.release()
 

@@ -10,7 +10,6 @@ with their recipe (safetensors + JSON, keyed like every result) and reused.
 from __future__ import annotations
 
 import math
-import re
 import time
 from dataclasses import dataclass
 from typing import ClassVar
@@ -34,13 +33,19 @@ WIDTH = (16, 32, 32, 64, 64, 64)  # channels of the six convolutions
 
 
 def default_layer(model: str) -> str:
-    """The last block of a CIFAR ResNet: its cache-only answer is the most accurate of the exits
-    (on the shared CIFAR-10, ResNet20's layer3.2 with a 2.5% cache is level with the network), and
-    a key network's cost does not depend on how deep its teacher's layer is."""
-    if model == "digits-cnn":
-        return "pool"
-    m = re.fullmatch(r"resnet(\d+)", model)
-    return f"layer3.{(int(m.group(1)) - 2) // 6 - 1}" if m else "layer3.0"
+    """The deepest default exit whose keys are a spatial map (a key network reproduces it with
+    convolutions): a CIFAR ResNet's last block — its cache-only answer is the most accurate of
+    the exits (ResNet20's layer3.2 with a 2.5% cache is level with the network on the shared
+    CIFAR-10), and a key network's cost does not depend on how deep its teacher's layer is —
+    and the digits CNN's pooled map."""
+    from .early import architecture, default_exit_layers
+
+    spec = architecture(model)
+    if spec is None:
+        raise CachevizError(f"{model} cannot have a key network here: its forward pass is not a chain of steps",
+                            "use a CIFAR ResNet or digits-cnn", param="model", value=model)
+    shapes = {i.name: i.shape for i in list_layers(spec)}
+    return [n for n in default_exit_layers(spec) if len(shapes[n]) == 3][-1]
 
 
 class KeyNet(nn.Module):
@@ -290,7 +295,7 @@ class KeyNetStudy(Study):
 
     def compute(self, run: Run) -> list[dict]:
         from . import attacks as A
-        from .early import Exit, clock, full_answer, truncated_answer
+        from .early import Exit, full_answer, timed, truncated_answer
         from .features import make_keys
         from .workspace import ExperimentData
 
@@ -311,7 +316,8 @@ class KeyNetStudy(Study):
         run.progress.stage("testing")
         subset = balanced_subset(labels, max(len(ws.ds.classes), int(round(self.fraction * n_u))), self.setup.seed)
         mem_val = data.memory([self.layer], "val", subset)
-        mem = data.memory([self.layer], "test", subset)
+        # the test-time cache is the tuning one unless validation items come from the training set
+        mem = data.memory([self.layer], "test", subset) if data.from_train else mem_val
         thetas, _ = default_grid(self.setup.n_theta, 1, self.setup.theta_max)
         sp = ws.split
         val_x = (ws.ds.train_x if sp.val_part == "train" else ws.ds.test_x)[sp.val_idx]
@@ -341,13 +347,7 @@ class KeyNetStudy(Study):
 
         fns = {"network": lambda: full_answer(spec, xt), "keynet": keynet_answer,
                "truncated": lambda: truncated_answer(spec, ex, xt)}
-        for fn in fns.values():
-            fn()
-        times: dict[str, list[float]] = {k: [] for k in fns}
-        for _ in range(int(self.reps)):
-            for k, fn in fns.items():
-                times[k].append(clock(fn, dev))
-        ms = {k: 1e3 * sorted(v)[len(v) // 2] / n_t for k, v in times.items()}
+        ms = {k: 1e3 * t / n_t for k, t in timed(fns, dev, int(self.reps)).items()}
         params = {"network": n_params(spec.net), "keynet": n_params(net), "truncated": None}
         common = {"layer": self.layer, "loss": self.loss, "n_cache": len(mem), "net": spec.name,
                   "dataset": self.setup.dataset, "seed": self.setup.seed, "device": run.device_name,

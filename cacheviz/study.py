@@ -20,6 +20,7 @@ from typing import Any, ClassVar, Sequence
 import torch
 
 from . import __version__, store
+from .cache import CacheMemory
 from .config import Setup
 from .data import dataset_fingerprint
 from .models import weights_fingerprint
@@ -53,6 +54,7 @@ class KeyScore:
     p_cache_only: torch.Tensor  # (N, C) p_mem at theta_cache_only
     knn_pred: torch.Tensor | None  # (N,) k-NN vote labels
     y: torch.Tensor  # (N,) true labels
+    memory: CacheMemory | None = None  # the test-time cache, kept only when asked (`keep_memory`)
 
     @property
     def acc(self) -> float:
@@ -95,6 +97,7 @@ def score_keys(
     knn_k: int = 0,
     release: bool = False,
     progress: Reporter | None = None,
+    keep_memory: bool = False,
 ) -> KeyScore:
     """Score the key set `layers` of `data`: tune on validation, then predict the test part.
 
@@ -102,6 +105,7 @@ def score_keys(
     universe the cache keeps (a smaller cache). `release` drops the training features once the
     test-time cache is built (a study scoring one key set only). One cache is held at a time.
     `progress`: announce the tuning and test stages there (a study scoring one key set).
+    `keep_memory`: return the test-time cache too (a study that goes on querying it).
     """
     rep = progress or Silent()
     q_val, q_test = data.queries(layers)
@@ -127,7 +131,7 @@ def score_keys(
     return KeyScore(
         layers=list(layers), key_dim=int(q_test.shape[1]), n_cache=len(mem), n_cache_val=n_cache_val,
         theta=theta, lam=lam, theta_cache_only=theta_co, grid=grid, p_net=data.p_test.cpu(), p=p,
-        p_cache_only=p_co, knn_pred=knn, y=data.y_test,
+        p_cache_only=p_co, knn_pred=knn, y=data.y_test, memory=mem if keep_memory else None,
     )
 
 
