@@ -12,6 +12,7 @@ import hashlib
 import threading
 import json
 import os
+import shutil
 import tempfile
 import warnings
 import zlib
@@ -197,8 +198,9 @@ def touch(path: str | os.PathLike) -> None:
 
 
 def prune_lru(folder: str | os.PathLike, budget_bytes: int, keep: set[str] | frozenset = frozenset(),
-              pattern: str = "*.safetensors") -> list[str]:
-    """Delete the least recently used files in `folder` until they fit `budget_bytes`.
+              pattern: str = "*.safetensors", free_share: float | None = None) -> list[str]:
+    """Delete the least recently used files in `folder` until they fit `budget_bytes` and, with
+    `free_share`, that share of what the disk would have free without them.
 
     A derived store (features) must not grow until it fills the disk. Files in `keep` (just
     written) stay even over budget. Deleting a file another process is reading is safe here:
@@ -212,6 +214,8 @@ def prune_lru(folder: str | os.PathLike, budget_bytes: int, keep: set[str] | fro
             continue
         files.append((st.st_mtime, st.st_size, f))
     total = sum(size for _, size, _ in files)
+    if free_share is not None:
+        budget_bytes = min(budget_bytes, int(free_share * (shutil.disk_usage(folder).free + total)))
     removed = []
     for _, size, f in sorted(files, key=lambda t: t[0]):
         if total <= budget_bytes:

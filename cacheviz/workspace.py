@@ -164,9 +164,7 @@ class Workspace:
         paths = {layer: self._feature_path(layer, metas[layer]) for layer in got}
         for layer, x in got.items():
             store.save_tensors(paths[layer], {"x": x}, metas[layer])
-        stored = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
-        budget = min(FEATURE_BUDGET_BYTES, (shutil.disk_usage(folder).free + stored) // 2)
-        store.prune_lru(folder, budget, keep={str(p) for p in paths.values()})
+        store.prune_lru(folder, FEATURE_BUDGET_BYTES, keep={str(p) for p in paths.values()}, free_share=0.5)
 
     def _feature_path(self, layer: str, meta: dict) -> Path:
         slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{self.spec.name}-{layer}")
