@@ -104,6 +104,15 @@ def class_groups(sorted_labels: torch.Tensor, n_classes: int, dtype: torch.dtype
     return F.one_hot(sorted_labels, n_classes).to(dtype), [0] + torch.cumsum(counts, 0).tolist()
 
 
+def p_mem_from_topk(sims: torch.Tensor, labels: torch.Tensor, theta: float, n_classes: int) -> torch.Tensor:
+    """p_mem over the k retrieved items only: (N, k) similarities and their (N, k) labels ->
+    (N, C) softmax(theta * sims) summed per class. Any search backend (FAISS, a database) gives
+    these two; with k = K it is the exact p_mem, and the items it leaves out are the ones whose
+    weights exp(theta * s) are smallest."""
+    w = torch.softmax(theta * sims, dim=1)
+    return torch.zeros(len(sims), n_classes, dtype=w.dtype, device=w.device).scatter_add_(1, labels.long(), w)
+
+
 class CacheMemory:
     """Keys (K, d), unit-norm rows, and integer labels (K,) as one-hot values (K, C).
 
@@ -178,6 +187,16 @@ class CacheMemory:
         for sl, sims in self.iter_similarities(q, chunk_size):
             sims_out[sl], idx_out[sl] = sims.topk(k, dim=1)
         return sims_out, self.order.to(self.device)[idx_out]
+
+    def p_mem_topk(self, q: torch.Tensor, theta: float, k: int, chunk_size: int | None = None) -> torch.Tensor:
+        """p_mem from the k most similar items (see `p_mem_from_topk`), on the memory's device."""
+        k = min(int(k), len(self))
+        out = torch.empty(len(q), self.n_classes, device=self.device, dtype=self.keys.dtype)
+        with torch.no_grad():
+            for sl, sims in self.iter_similarities(q, chunk_size):
+                top = sims.topk(k, dim=1)
+                out[sl] = p_mem_from_topk(top.values, self.labels[top.indices], theta, self.n_classes)
+        return out
 
     def knn_predict(self, q: torch.Tensor, k: int = 10, chunk_size: int | None = None) -> torch.Tensor:
         """Plain k-nearest-neighbour vote (seed 002's classifier), as (N, C) vote shares."""

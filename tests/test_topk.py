@@ -1,0 +1,43 @@
+"""p_mem from the top-k retrieved items (issue 11): exact at k = K, the nearest label at k = 1."""
+import torch
+
+from cacheviz.cache import CacheMemory, p_mem_from_topk
+
+
+def _memory(n=300, d=16, c=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    keys = torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=1)
+    labels = torch.randint(0, c, (n,), generator=g)
+    q = torch.nn.functional.normalize(torch.randn(40, d, generator=g), dim=1)
+    return CacheMemory(keys, labels, n_classes=c), q, keys, labels
+
+
+def test_topk_p_mem_with_every_item_is_the_exact_p_mem():
+    mem, q, _, _ = _memory()
+    for theta in (1.0, 30.0, 90.0):
+        assert torch.allclose(mem.p_mem_topk(q, theta, k=len(mem)), mem.p_mem(q, theta), atol=1e-6)
+
+
+def test_topk_p_mem_with_one_item_is_the_nearest_label():
+    mem, q, keys, labels = _memory()
+    p = mem.p_mem_topk(q, 50.0, k=1)
+    nearest = labels[(q @ keys.T).argmax(1)]
+    assert torch.equal(p.argmax(1), nearest) and torch.allclose(p.max(1).values, torch.ones(len(q)))
+
+
+def test_topk_p_mem_converges_as_k_grows_and_rows_sum_to_one():
+    mem, q, _, _ = _memory()
+    exact = mem.p_mem(q, 30.0)
+    gaps = [float((mem.p_mem_topk(q, 30.0, k) - exact).abs().max()) for k in (5, 50, 300)]
+    assert gaps[0] > gaps[1] > gaps[2] and gaps[2] < 1e-6
+    assert torch.allclose(mem.p_mem_topk(q, 30.0, 7).sum(1), torch.ones(len(q)), atol=1e-6)
+
+
+def test_any_backends_results_give_the_same_p_mem():
+    """A backend returns (similarities, labels) in its own order: the answer must not depend on it."""
+    sims = torch.tensor([[0.9, 0.5, 0.7]])
+    labels = torch.tensor([[2, 0, 2]])
+    a = p_mem_from_topk(sims, labels, 10.0, 3)
+    b = p_mem_from_topk(sims[:, [2, 0, 1]], labels[:, [2, 0, 1]], 10.0, 3)
+    w = torch.softmax(10.0 * sims[0], 0)
+    assert torch.allclose(a, b) and torch.allclose(a[0], torch.tensor([w[1], 0.0, w[0] + w[2]]))
