@@ -41,3 +41,19 @@ def test_any_backends_results_give_the_same_p_mem():
     b = p_mem_from_topk(sims[:, [2, 0, 1]], labels[:, [2, 0, 1]], 10.0, 3)
     w = torch.softmax(10.0 * sims[0], 0)
     assert torch.allclose(a, b) and torch.allclose(a[0], torch.tensor([w[1], 0.0, w[0] + w[2]]))
+
+
+def test_topk_study_on_digits_reaches_the_exact_accuracy_at_k_equal_K(data_dir):
+    import pytest
+
+    pytest.importorskip("faiss", reason="faiss-cpu is missing (pip install faiss-cpu)")
+    from cacheviz.config import Setup
+    from cacheviz.topk import TopK
+
+    rows = TopK(Setup(), ks=(1, 10, 10**6), index="exact").run(data_dir, "cpu")
+    assert [r["k"] for r in rows][:2] == [1, 10] and rows[-1]["k"] == rows[-1]["n_cache"]
+    last = rows[-1]
+    assert last["accuracy"] == pytest.approx(last["exact_accuracy"])
+    assert last["cache_only_accuracy"] == pytest.approx(last["exact_cache_only_accuracy"])
+    hnsw = TopK(Setup(), ks=(10,), index="hnsw").run(data_dir, "cpu")
+    assert 0.9 <= hnsw[0]["recall_at_10"] <= 1.0 and hnsw[0]["ms_per_query"] > 0
