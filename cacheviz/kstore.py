@@ -365,11 +365,19 @@ class KnowledgeStore:
 
     # -- rows ------------------------------------------------------------------------------
 
-    def _load_segments(self) -> None:
+    def refresh(self) -> "KnowledgeStore":
+        """Take in versions another session or process committed since this object last looked."""
+        with self._lock:
+            self._load_versions()
+            if self.head is not None and self.head.next_id > len(self._keys):
+                self._load_segments(start=len(self._keys))
+        return self
+
+    def _load_segments(self, start: int = 0) -> None:
         next_id = self.head.next_id if self.head else 0
-        keys, labels, sources = [], [], []
+        keys, labels, sources = [self._keys[:start]], [self._labels[:start]], list(self._sources[:start])
         for f in sorted((self.path / "segments").glob("*.safetensors"), key=lambda f: int(f.stem)):
-            if int(f.stem) >= next_id:
+            if not start <= int(f.stem) < next_id:
                 continue
             got = store.load_tensors(f)
             if got is None:
@@ -378,8 +386,7 @@ class KnowledgeStore:
             keys.append(got[0]["keys"].numpy())
             labels.append(got[0]["labels"].numpy())
             sources += json.loads((f.with_suffix(".json")).read_text())["sources"]
-        if keys:
-            self._keys, self._labels = np.concatenate(keys), np.concatenate(labels)
+        self._keys, self._labels = np.concatenate(keys), np.concatenate(labels)
         self._sources = sources
         if len(self._keys) != next_id:
             raise CachevizError(f"the store holds {len(self._keys)} key rows but its head version names {next_id}",
