@@ -32,6 +32,8 @@ FLAGS = {
     "lam": "lam", "data_dir": "--data-dir", "attack": "--attack", "against": "--against", "n": "--n",
     "epsilons": "--epsilons", "source_model": "--source-model", "taus": "--taus", "timing_images": "--timing-images",
     "loss": "--loss", "fraction": "--fraction", "epochs": "--epochs",
+    "ks": "--k", "k": "--k", "index": "--index", "store": "--store", "label": "--label", "ids": "--ids",
+    "folder": "--folder", "version": "--version",
 }
 
 TABLE_ROWS = [
@@ -231,6 +233,39 @@ def build_parser() -> argparse.ArgumentParser:
                          "`attack --against M` for each model) as rho_adv_<attack>, and print |J|'s rank correlation "
                          "with it; computes no attack")
     jp.add_argument("--out", metavar="OUT", help=out_help)
+
+    tk = sub.add_parser("topk", parents=[exp], help="p_mem from the k most similar items: accuracy against k, "
+                                                    "exact or approximate index (issue 11)")
+    tk.add_argument("--layers", help="comma-separated key layers (default: the model's own defaults)")
+    tk.add_argument("--project-dim", type=_positive, help="random-project layers wider than D to D dimensions")
+    tk.add_argument("--k", default="10,30,100,300,1000,3000,10000,50000", help="comma-separated k (items retrieved)")
+    tk.add_argument("--index", default="exact", help="exact, ivf or hnsw (FAISS; default exact)")
+    tk.add_argument("--out", metavar="OUT", help=out_help)
+
+    sp = sub.add_parser("store", help="the knowledge store: create, list, add, remove, undo, query (issue 11)")
+    ssub = sp.add_subparsers(dest="store_command", required=True)
+    st_exp = argparse.ArgumentParser(add_help=False, parents=[exp])
+    st_exp.add_argument("--layers", help="comma-separated key layers (default: the model's own defaults)")
+    st_exp.add_argument("--project-dim", type=_positive, help="random-project layers wider than D to D dimensions")
+    st_exp.add_argument("--store", metavar="NAME", help="a store by name (default: the setup's own store)")
+    sc = ssub.add_parser("create", parents=[st_exp], help="version 1: the setup's training items")
+    sc.add_argument("--name", help="name the store (default: from the setup)")
+    sl2 = ssub.add_parser("list", parents=[st_exp], help="the versions, or with --items the live items")
+    sl2.add_argument("--items", action="store_true", help="list the items of a version instead")
+    sl2.add_argument("--version", type=_positive, help="the version to list (default: the latest)")
+    sl2.add_argument("--out", metavar="OUT", help=out_help)
+    sa = ssub.add_parser("add", parents=[st_exp], help="add images with a label (files or a folder): a new version")
+    sa.add_argument("images", nargs="*", help="image files")
+    sa.add_argument("--folder", help="every image in this folder")
+    sa.add_argument("--label", required=True, help="the class, by index or name")
+    sr = ssub.add_parser("remove", parents=[st_exp], help="remove items or a whole class: a new version")
+    sr.add_argument("--ids", help="comma-separated item ids")
+    sr.add_argument("--class", dest="label", help="every item of this class (index or name)")
+    ssub.add_parser("undo", parents=[st_exp], help="undo the latest edit: a new version equal to the one before it")
+    sq = ssub.add_parser("query", parents=[st_exp], help="one image's nearest stored items and the answers")
+    sq.add_argument("image", help="an image file")
+    sq.add_argument("--k", type=_positive, default=10, help="neighbours shown (default 10)")
+    sq.add_argument("--version", type=_positive, help="query this version (default: the latest)")
     return p
 
 
@@ -397,6 +432,127 @@ def cmd_keynet(args) -> int:
     return _run_rows(study, args, ["model", "condition", "accuracy", "ms_per_image", "params"])
 
 
+def cmd_topk(args) -> int:
+    from .topk import TopK
+
+    study = TopK(_setup(args, project_dim=args.project_dim), ks=tuple(_numbers(args.k, "k", int)), index=args.index)
+    return _run_rows(study, args, ["k", "index", "accuracy", "cache_only_accuracy", "exact_accuracy",
+                                   "exact_cache_only_accuracy", "recall_at_10", "ms_per_query"])
+
+
+def _open_store(args, create: bool = False):
+    from .kstore import KnowledgeStore, store_name, stores_dir
+
+    setup = _setup(args, project_dim=args.project_dim)
+    where = _data_dir(args)
+    if create:
+        progress = TerminalProgress()
+        try:
+            return KnowledgeStore.create(setup, where, args.device if args.device != "auto" else "cpu",
+                                         name=args.name, progress=progress)
+        finally:
+            progress.close()
+    name = args.store or store_name(setup)
+    if not (stores_dir(where) / name / "meta.json").exists() and not args.store:
+        raise CachevizError("this setup has no knowledge store yet",
+                            f"create it first: python -m cacheviz store create --dataset {setup.dataset} "
+                            f"--model {setup.model}" + (f" --layers {','.join(setup.layers)}" if setup.layers else ""))
+    return KnowledgeStore.open(name, where)
+
+
+def _label(ks, text: str | None) -> int:
+    if text is None:
+        raise CachevizError("name the class", "add --label (an index or a class name)", param="label")
+    t = text.strip()
+    if t.isdigit() and int(t) < len(ks.classes):
+        return int(t)
+    if t in ks.classes:
+        return ks.classes.index(t)
+    raise CachevizError(f"{text!r} is not a class of this store",
+                        f"use 0 to {len(ks.classes) - 1} or one of {', '.join(ks.classes[:10])}", param="label", value=text)
+
+
+def _report_edit(ks, v) -> None:
+    from .kstore import changed
+
+    print(f"version {v.number}: {v.op} {v.detail} -> {v.n_live} items")
+    if v.parent is None:
+        return
+    before, after = ks.evaluate(v.parent), ks.evaluate(v.number)
+    for name, attr in (("network", "pred_net"), ("cache model", "pred_cache"), ("cache-only", "pred_cache_only")):
+        a, b = (getattr(before, attr) == before.y).mean(), (getattr(after, attr) == after.y).mean()
+        print(f"  {name:12s} test accuracy {100 * a:.2f}% -> {100 * b:.2f}%")
+    n_co, n_c = len(changed(before, after, "cache_only")), len(changed(before, after, "cache"))
+    print(f"  test items whose answer changed: {n_c} (cache model), {n_co} (cache-only), of {len(after.y)}")
+
+
+def cmd_store(args) -> int:
+    from .images import decode_upload
+
+    what = args.store_command
+    if what == "create":
+        ks = _open_store(args, create=True)
+        print(f"store {ks.path.name} at {ks.path}: version {ks.head.number}, {ks.head.n_live} items, "
+              f"{ks.dim}-d keys, theta {ks.theta:g}, lam {ks.lam:g}")
+        return 0
+    ks = _open_store(args)
+    if what == "list":
+        from .rows import check_out_path, write_rows
+
+        if args.out:
+            check_out_path(args.out)
+        if args.items:
+            rows = [ks.item(int(i)) | {"version": ks.version(args.version).number} for i in ks.live_ids(args.version)]
+            cols = ["id", "label", "class", "source"]
+        else:
+            rows = ks.summary()
+            cols = ["version", "op", "items", "parent", "created", "detail"]
+        _print_rows(rows, cols, sys.stderr if args.out == "-" else sys.stdout)
+        if args.out:
+            write_rows(rows, args.out)
+        return 0
+    if what == "add":
+        label = _label(ks, args.label)
+        if args.folder:
+            v = ks.add_folder(args.folder, label)
+        else:
+            if not args.images:
+                raise CachevizError("no images to add", "name image files or --folder DIR")
+            imgs = []
+            for f in args.images:
+                path = Path(f)
+                if not path.is_file():
+                    raise CachevizError(f"there is no file {f}", "check the path")
+                imgs.append(decode_upload(path.read_bytes(), path.name))
+            v = ks.add_images(imgs, [label] * len(imgs), [Path(f).name for f in args.images])
+        _report_edit(ks, v)
+        return 0
+    if what == "remove":
+        if (args.ids is None) == (args.label is None):
+            raise CachevizError("say what to remove", "give --ids 1,2,3 or --class NAME (one of them)")
+        v = ks.remove(_numbers(args.ids, "ids", int)) if args.ids else ks.remove_class(_label(ks, args.label))
+        _report_edit(ks, v)
+        return 0
+    if what == "undo":
+        _report_edit(ks, ks.undo())
+        return 0
+    if what == "query":
+        path = Path(args.image)
+        if not path.is_file():
+            raise CachevizError(f"there is no file {args.image}", "check the path")
+        img = decode_upload(path.read_bytes(), path.name)
+        q, p_net = ks.keys_of(img)
+        d, ids = ks.search(q.numpy(), args.k, args.version)
+        p_mem = ks.p_mem(q.numpy(), version=args.version)[0]
+        p = (1 - ks.lam) * p_net[0].cpu() + ks.lam * p_mem
+        c = ks.classes
+        print(f"network: {c[int(p_net[0].argmax())]}  cache-only: {c[int(p_mem.argmax())]}  cache model: {c[int(p.argmax())]}")
+        rows = [ks.item(int(i)) | {"similarity": float(s)} for s, i in zip(d[0], ids[0]) if i >= 0]
+        _print_rows(rows, ["id", "class", "similarity", "source"])
+        return 0
+    raise CachevizError(f"unknown store command {what!r}")  # pragma: no cover - argparse refuses first
+
+
 def cmd_table1(args) -> int:
     from .sweeps import table1_group
 
@@ -509,7 +665,7 @@ def main(argv: list[str] | None = None) -> int:
     commands = {"layers": cmd_layers, "models": cmd_models, "evaluate": cmd_evaluate,
                 "sweep-layers": cmd_sweep_layers, "sweep-size": cmd_sweep_size, "table1": cmd_table1, "attack": cmd_attack,
                 "jacobian": cmd_jacobian, "early": cmd_early,
-                "keynet": cmd_keynet}
+                "keynet": cmd_keynet, "topk": cmd_topk, "store": cmd_store}
     shown = warnings.showwarning
     warnings.showwarning = _show_warning  # a damaged stored file: one line, not a source listing
     try:
