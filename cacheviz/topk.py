@@ -4,7 +4,8 @@ Over a database, p_mem comes from a top-k search: softmax(theta * the k similari
 class (`cache.p_mem_from_topk`). The `TopK` study measures, on the test part, the cache model's
 and cache-only accuracy against k, at the theta, lam tuned for the exact p_mem, and beside the
 exact accuracies; for an approximate FAISS index (`ivf`, `hnsw`) also recall@10 against exact
-search and the time of one query. Work in progress: no page yet.
+search and the time of one query. CLI: `python -m cacheviz topk`; the store (`kstore`) uses its
+result for its default k.
 """
 from __future__ import annotations
 

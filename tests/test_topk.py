@@ -57,3 +57,23 @@ def test_topk_study_on_digits_reaches_the_exact_accuracy_at_k_equal_K(data_dir):
     assert last["cache_only_accuracy"] == pytest.approx(last["exact_cache_only_accuracy"])
     hnsw = TopK(Setup(), ks=(10,), index="hnsw").run(data_dir, "cpu")
     assert 0.9 <= hnsw[0]["recall_at_10"] <= 1.0 and hnsw[0]["ms_per_query"] > 0
+
+
+def test_topk_command_line_rows_and_bad_input(data_dir, tmp_path, capsys):
+    import json
+
+    from cacheviz.__main__ import main
+
+    out = tmp_path / "topk.json"
+    assert main(["topk", "--data-dir", str(data_dir), "--k", "1,10,100000", "--index", "hnsw", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    for r in rows:
+        assert {"k", "index", "accuracy", "cache_only_accuracy", "exact_accuracy", "recall_at_10", "ms_per_query"} <= set(r)
+    assert [r["index"] for r in rows] == ["hnsw"] * len(rows)
+    assert rows[-1]["k"] == rows[-1]["n_cache"]  # a k past the store is the whole store
+    assert 0.9 <= rows[0]["recall_at_10"] <= 1.0
+    capsys.readouterr()
+    assert main(["topk", "--data-dir", str(data_dir), "--index", "lsh"]) == 2
+    err = capsys.readouterr().err
+    assert "--index" in err and "exact, ivf, hnsw" in err and err.count("\n") == 1
+    assert main(["topk", "--data-dir", str(data_dir), "--k", "0"]) == 2
