@@ -3,6 +3,7 @@
     python -m cacheviz layers --model resnet20 [--json]
     python -m cacheviz evaluate --dataset cifar10 --model resnet20 [--layers layer3.0] [--json OUT]
     python -m cacheviz sweep-layers | sweep-size | table1 ... [--out X.json|X.csv]
+    python -m cacheviz incremental --tasks 5 [--backbone-classes first|all] [--scenario class|task|both] [--out X.json]
     python -m cacheviz attack --attack fgsm --against network [--n 250] [--epsilons ...] [--source-model M2] ...
 
 Bad input ends with one sentence naming the fix (with this command line's flags) and exit
@@ -31,7 +32,8 @@ FLAGS = {
     "seeds": "--seeds", "combine_top": "--combine-top", "out": "--out", "json": "--json", "theta": "theta",
     "lam": "lam", "data_dir": "--data-dir", "attack": "--attack", "against": "--against", "n": "--n",
     "epsilons": "--epsilons", "source_model": "--source-model", "taus": "--taus", "timing_images": "--timing-images",
-    "loss": "--loss", "fraction": "--fraction", "epochs": "--epochs",
+    "loss": "--loss", "fraction": "--fraction", "epochs": "--epochs", "tasks": "--tasks",
+    "backbone_classes": "--backbone-classes", "scenario": "--scenario",
     "ks": "--k", "k": "--k", "index": "--index", "store": "--store", "label": "--label", "ids": "--ids",
     "folder": "--folder", "version": "--version",
 }
@@ -222,6 +224,16 @@ def build_parser() -> argparse.ArgumentParser:
                                        "the minimal perturbation per image")
     ap.add_argument("--source-model", help="Table 4: make the adversarials against this network, show them to --model's")
     ap.add_argument("--out", metavar="OUT", help=out_help)
+
+    ip = sub.add_parser("incremental", parents=[exp], help="the cache as a knowledge store: classes arrive in tasks; "
+                                                           "the store vs a fine-tuned head")
+    ip.add_argument("--tasks", default="5", help="equal tasks the classes are cut into, in class order (default 5)")
+    ip.add_argument("--backbone-classes", default="all",
+                    help="all: the model as given (default); first: a backbone trained on the first task's classes "
+                         "only (digits-cnn on digits)")
+    ip.add_argument("--scenario", default="both",
+                    help="class (predict among all seen classes), task (the task id is given) or both (default)")
+    ip.add_argument("--out", metavar="OUT", help=out_help)
 
     jp = sub.add_parser("jacobian", parents=[exp], help="Figure 4: input-output Jacobians of the three models")
     jp.add_argument("--layers", help="comma-separated key layers (default: the model's own defaults)")
@@ -553,6 +565,23 @@ def cmd_store(args) -> int:
     raise CachevizError(f"unknown store command {what!r}")  # pragma: no cover - argparse refuses first
 
 
+def cmd_incremental(args) -> int:
+    from .data import inspect_classes
+    from .incremental import SCENARIOS, Incremental, task_classes
+
+    try:
+        tasks = int(args.tasks)
+    except ValueError:
+        raise CachevizError("give a whole number of tasks from 1", "e.g. --tasks 5", param="tasks",
+                            value=args.tasks) from None
+    scenarios = SCENARIOS if args.scenario == "both" else (args.scenario,)
+    setup = _setup(args)
+    study = Incremental(setup, tasks=tasks, backbone_classes=args.backbone_classes, scenarios=scenarios)
+    task_classes(inspect_classes(setup.dataset, _data_dir(args))[0], tasks)  # before any work
+    return _run_rows(study, args, ["task", "method", "scenario", "classes_seen", "accuracy_seen", "n_store",
+                                   "seconds"])
+
+
 def cmd_table1(args) -> int:
     from .sweeps import table1_group
 
@@ -664,7 +693,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     commands = {"layers": cmd_layers, "models": cmd_models, "evaluate": cmd_evaluate,
                 "sweep-layers": cmd_sweep_layers, "sweep-size": cmd_sweep_size, "table1": cmd_table1, "attack": cmd_attack,
-                "jacobian": cmd_jacobian, "early": cmd_early,
+                "jacobian": cmd_jacobian, "early": cmd_early, "incremental": cmd_incremental,
                 "keynet": cmd_keynet, "topk": cmd_topk, "store": cmd_store}
     shown = warnings.showwarning
     warnings.showwarning = _show_warning  # a damaged stored file: one line, not a source listing
