@@ -69,7 +69,7 @@ def main() -> None:
         t1 = time.perf_counter()
         d, ids = ks.search(qn, kstore.DEFAULT_K)
         t2 = time.perf_counter()
-        p_mem = ks.p_mem(qn)
+        p_mem = ks.p_mem_of(d, ids)
         _ = (1 - ks.lam) * p_net.cpu() + ks.lam * p_mem
         total.append(1e3 * (time.perf_counter() - t0))
         search.append(1e3 * (t2 - t1))

@@ -453,7 +453,7 @@ class KnowledgeStore:
         from .retrieval import query_keys
 
         ws = self.workspace()
-        x = torch.as_tensor(np.asarray(images))
+        x = torch.from_numpy(np.array(images, dtype=np.uint8))  # a copy: decoded uploads are read-only
         if x.ndim == 3:
             x = x[None]
         return query_keys(ws.spec, x, self.layers, project_dim=self.setup.project_dim, seed=self.setup.seed,
@@ -628,7 +628,10 @@ class KnowledgeStore:
 
     def p_mem(self, q, theta: float | None = None, k: int = DEFAULT_K, version: int | None = None) -> torch.Tensor:
         """p_mem (N, C) from the k most similar live items (softmax over their similarities)."""
-        d, ids = self.search(q, k, version)
+        return self.p_mem_of(*self.search(q, k, version), theta)
+
+    def p_mem_of(self, d: np.ndarray, ids: np.ndarray, theta: float | None = None) -> torch.Tensor:
+        """p_mem (N, C) from a search's (similarities, ids); padding (id -1) carries no weight."""
         sims = torch.from_numpy(np.where(ids >= 0, d, -1e4).astype(np.float32))
         labels = torch.from_numpy(self._labels[np.clip(ids, 0, None)])
         return p_mem_from_topk(sims, labels, self.theta if theta is None else theta, len(self.classes))
@@ -656,11 +659,8 @@ class KnowledgeStore:
             p_net = t["p_net"].float()
             pred_net = p_net.argmax(1).numpy()
             d, ids = self.search(t["q"].numpy(), k, v)
-            sims = torch.from_numpy(np.where(ids >= 0, d, -1e4).astype(np.float32))
-            labels = torch.from_numpy(self._labels[np.clip(ids, 0, None)])
-            C = len(self.classes)
-            p_mem = p_mem_from_topk(sims, labels, self.theta, C)
-            p_co = p_mem_from_topk(sims, labels, self.theta_cache_only, C)
+            p_mem = self.p_mem_of(d, ids, self.theta)
+            p_co = self.p_mem_of(d, ids, self.theta_cache_only)
             empty = (ids < 0).all(1)  # an empty store answers nothing from memory
             p_cache = (1 - self.lam) * p_net + self.lam * p_mem
             pred_co = np.where(empty.numpy() if isinstance(empty, torch.Tensor) else empty, -1, p_co.argmax(1).numpy())
