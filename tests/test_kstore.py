@@ -262,3 +262,16 @@ def test_store_command_line(base, tmp_path, capsys):
         assert main(bad) == 2
         err = capsys.readouterr().err
         assert said in err and "Traceback" not in err and err.count("\n") == 1
+
+
+def test_the_hnsw_graph_is_saved_and_reused_by_the_next_process(ks, monkeypatch):
+    monkeypatch.setattr(kstore, "EXACT_MAX_FLOATS", 0)
+    a = kstore.KnowledgeStore(ks.path, ks.data_dir)
+    q = a.test_items()["q"][:20].numpy()
+    first = a.search(q, 10)
+    assert (ks.path / "hnsw.faiss").exists()
+    a.add_images([np.zeros((8, 8, 3), np.uint8)], [1])
+    b = kstore.KnowledgeStore(ks.path, ks.data_dir)
+    b._faiss_index()
+    assert b._index_rows == len(b._keys) == a.head.next_id  # the saved graph plus the row added since
+    np.testing.assert_array_equal(b.search(q, 10, version=1)[1], first[1])
