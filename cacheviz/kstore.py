@@ -153,7 +153,7 @@ def _db(path: Path) -> Iterator[object]:
         with _PROCESS_LOCK:
             c = _SERVER_CLIENTS.get(uri)
             if c is None:
-                c = _SERVER_CLIENTS[uri] = _connect(MilvusClient, uri)
+                c = _SERVER_CLIENTS[uri] = _connect(MilvusClient, uri, os.environ.get("CACHEVIZ_MILVUS_TOKEN", ""))
         yield c
         return
     db = str(path / "items.db")
@@ -172,9 +172,9 @@ def _db(path: Path) -> Iterator[object]:
                 fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def _connect(client_cls, uri: str):
+def _connect(client_cls, uri: str, token: str = ""):
     try:
-        return client_cls(uri)
+        return client_cls(uri, token=token) if token else client_cls(uri)
     except Exception as exc:
         raise CachevizError(f"the store's database at {uri} could not be opened ({type(exc).__name__}: {exc})",
                             "close the other program using it", "or point CACHEVIZ_MILVUS_URI at a Milvus server"
