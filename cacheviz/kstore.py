@@ -593,8 +593,7 @@ class KnowledgeStore:
     def _write_hnsw(self) -> None:
         import faiss
 
-        with store._atomic_target(self.path / "hnsw.faiss") as tmp:
-            faiss.write_index(self._index, tmp)
+        store.atomic_write_with(self.path / "hnsw.faiss", lambda tmp: faiss.write_index(self._index, tmp))
         store.atomic_write_json(self.path / "hnsw.json", {"rows": self._index_rows, "dim": self.dim})
 
     @property
@@ -660,8 +659,11 @@ class KnowledgeStore:
     def p_mem_of(self, d: np.ndarray, ids: np.ndarray, theta: float | None = None) -> torch.Tensor:
         """p_mem (N, C) from a search's (similarities, ids); padding (id -1) carries no weight."""
         sims = torch.from_numpy(np.where(ids >= 0, d, -1e4).astype(np.float32))
-        labels = torch.from_numpy(self._labels[np.clip(ids, 0, None)])
-        return p_mem_from_topk(sims, labels, self.theta if theta is None else theta, len(self.classes))
+        labels = torch.from_numpy(self._labels[np.clip(ids, 0, None)] if len(self._labels) else np.zeros_like(ids))
+        p = p_mem_from_topk(sims, labels, self.theta if theta is None else theta, len(self.classes))
+        empty = torch.from_numpy((ids < 0).all(1))
+        p[empty] = 1.0 / len(self.classes)  # an empty store knows nothing: no class gets its vote
+        return p
 
     def p_mem_exact(self, q, theta: float | None = None, version: int | None = None) -> torch.Tensor:
         """The full-softmax p_mem over every live item (the engine's torch path; small stores)."""

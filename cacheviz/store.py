@@ -132,6 +132,12 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         f.write(data)
 
 
+def atomic_write_with(path: str | os.PathLike, write: Callable[[str], None]) -> None:
+    """`write(temp path)` with any writer (FAISS's write_index, say); the result replaces `path` atomically."""
+    with _atomic_target(path) as tmp:
+        write(tmp)
+
+
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_bytes(path, json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
 
