@@ -93,7 +93,7 @@ with ui.guard("ks"):
                             format_func=ui.version_label(ks))
         rows = ui.per_class_rows(ks, before, after)
         st.markdown(f"**{ui.store_verdict(ks, rows, before, after)}**")
-        st.dataframe(rows, hide_index=True, key="ks_per_class")
+        st.dataframe(rows, hide_index=True, key="ks_per_class", height=35 * (len(rows) + 1) + 3)
         per = {v: ks.evaluate(v).per_class(len(classes)) for v in (before, after)}
         st.plotly_chart(plots.fig_store_per_class(classes, per[before], per[after], (f"v{before}", f"v{after}")),
                         key="ks_fig")

@@ -95,6 +95,7 @@ def test_create_forget_undo_and_teach(env, entry):
     assert any("Version 4: add" in s.value for s in at.success)
     (history,) = [d.value for d in at.dataframe if "op" in d.value.columns]
     assert list(history["op"])[:2] == ["add", "undo"]
+    assert list(history["detail"])[0] == "1 image labelled 1 (one.png)"  # the plain name, not Markdown
     # asked with the same image, the store retrieves the added item
     at.radio(key="ks_source").set_value("Upload").run()
     at.file_uploader(key="ks_query_file").set_value(("one.png", _one_png(), "image/png")).run()

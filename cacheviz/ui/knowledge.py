@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -119,7 +120,7 @@ def decode_all(files, invert_light: bool, ds) -> tuple[list[np.ndarray], list[st
     data sets of light ink on black when `invert_light`."""
     good, names, bad = [], [], []
     for f in files:
-        name = upload_name(f.name)
+        name = upload_name(f.name)  # Markdown-safe, for the messages
         try:
             img = decode(f.getvalue(), name)
         except CachevizError as exc:
@@ -128,7 +129,7 @@ def decode_all(files, invert_light: bool, ds) -> tuple[list[np.ndarray], list[st
         if invert_light and retrieval.background_differs(ds, img):
             img = retrieval.invert(img)
         good.append(img)
-        names.append(name)
+        names.append(re.sub(r"\\(.)", r"\1", name))  # the store keeps the plain name (no folder, no Markdown)
     return good, names, bad
 
 
@@ -177,14 +178,14 @@ def store_verdict(ks: kstore.KnowledgeStore, rows: list[dict], before: int, afte
     if gone:
         r = gone[0]
         c = r["class"]
-        return (f"After removing {c}: the network still gets {r['network after (%)']:.0f}% of the {c} test images "
-                f"right; the cache-only model gets {r['cache-only after (%)']:.0f}% (it has no {c} left to retrieve), "
-                f"and the cache model, which mixes both, {r['cache model after (%)']:.0f}%.")
+        return (f"After removing {c}: the network still gets {r['network after (%)']:.0f}% of the test images of "
+                f"class {c} right; the cache-only model gets {r['cache-only after (%)']:.0f}% (it has no {c} left "
+                f"to retrieve), and the cache model, which mixes both, {r['cache model after (%)']:.0f}%.")
     if back:
         r = back[0]
         c = r["class"]
-        return (f"With {c} back in the store, the cache-only model gets {r['cache-only after (%)']:.0f}% of the {c} "
-                f"test images right again (it had {r['cache-only before (%)']:.0f}%); the network, untouched, "
+        return (f"With {c} back in the store, the cache-only model gets {r['cache-only after (%)']:.0f}% of the "
+                f"test images of class {c} right again (it had {r['cache-only before (%)']:.0f}%); the network, untouched, "
                 f"{r['network after (%)']:.0f}%.")
     t = rows[-1]
     return (f"Version {after} against version {before}: cache-only {t['cache-only before (%)']:.1f}% → "
