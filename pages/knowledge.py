@@ -140,7 +140,8 @@ with ui.guard("ks"):
         left.image(images.enlarge(retrieval.model_view(ws.spec, img), 160), caption=name, width=160)
         with right:
             p_net, p_only = int(np.argmax(ex["p_net"])), int(np.argmax(ex["p_only"]))
-            st.markdown(f"Network **{classes[p_net]}**{mark(p_net)} · cache-only **{classes[p_only]}**{mark(p_only)} · "
+            only = f"**{classes[p_only]}**{mark(p_only)}" if ex["k"] else "nothing (an empty store)"
+            st.markdown(f"Network **{classes[p_net]}**{mark(p_net)} · cache-only {only} · "
                         f"cache model **{classes[pred]}**{mark(pred)} ({ex['p'].max():.0%})"
                         + (f" · true label **{classes[truth]}**" if truth is not None else "")
                         + f" — version {head.number}")

@@ -233,6 +233,8 @@ def store_explain(ks: kstore.KnowledgeStore, img: np.ndarray, shown: int = 12) -
     if live.any():
         e = np.exp(ks.theta * (d[live] - d[live].max()))
         w[live] = e / e.sum()
+    if not live.any():  # an empty store has no vote: uniform, so the cache model is the network
+        p_mem = p_only = np.full_like(p_net, 1 / len(p_net))
     keep = np.flatnonzero(live)[:shown]
     return {"p_net": p_net, "p_mem": p_mem, "p": (1 - ks.lam) * p_net + ks.lam * p_mem, "p_only": p_only,
             "ids": ids[keep], "sims": d[keep], "shares": w[keep], "k": int(live.sum())}
