@@ -726,3 +726,29 @@ def fig_early_frontier(rows: list[dict], tau: float | None = None, height: int =
         yaxis=dict(title="test accuracy (%)"), height=height, margin=dict(l=10, r=10, t=50, b=10),
         legend=dict(orientation="v", font=dict(size=10)))
     return fig
+
+
+# ---------------------------------------------------------------------------------------------
+# The knowledge store: per-class test accuracy of two versions
+
+STORE_MODELS = {"network": "network", "cache": "cache model", "cache_only": "cache-only"}
+
+
+def fig_store_per_class(classes: Sequence[str], before: Mapping[str, np.ndarray], after: Mapping[str, np.ndarray],
+                        names: tuple[str, str] = ("before", "after"), height: int = 360) -> go.Figure:
+    """Per class, each model's test accuracy (%) at two versions: faint bars before, solid after,
+    so an edit shows as the gap between a model's two bars (the network's never moves)."""
+    fig = go.Figure()
+    for key, label in STORE_MODELS.items():
+        color = ROBUST_COLORS["cache-only" if key == "cache_only" else key]
+        for when, acc, alpha in ((names[0], before[key], 0.35), (names[1], after[key], 1.0)):
+            ys = [None if np.isnan(a) else 100 * float(a) for a in np.asarray(acc, float)]
+            fig.add_trace(go.Bar(
+                x=list(classes), y=ys, name=f"{label} · {when}", marker_color=_rgba(color, alpha),
+                offsetgroup=f"{key}-{when}", legendgroup=key,
+                hovertemplate=f"<b>%{{x}}</b><br>{label}, {when}: %{{y:.1f}}%<extra></extra>"))
+    fig.update_layout(
+        barmode="group", bargap=0.25, yaxis=dict(title="test accuracy (%)", range=[0, 105]),
+        xaxis=dict(type="category", title="class"), height=height, margin=dict(l=10, r=10, t=30, b=10),
+        legend=dict(orientation="h", yanchor="bottom", y=1.0, xanchor="right", x=1.0, font=dict(size=10)))
+    return fig

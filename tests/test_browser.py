@@ -229,3 +229,74 @@ def test_answer_early_page_and_key_network_in_chromium(server):
         page.screenshot(path=str(shot2), full_page=True)
         assert page.get_by_text("Traceback").count() == 0
     print(f"\nscreenshots: {shot}, {shot2}")
+
+
+def test_knowledge_store_remove_undo_teach_in_chromium(server):
+    """The Knowledge store page in a real browser (its store created by the app's worker process):
+    forget a class and see the test images it changed, undo, then teach a drawn 7 with its label
+    and see a new version."""
+    import re
+
+    from playwright.sync_api import sync_playwright
+
+    url, tmp = server
+    png = _load_harness().digit_png(tmp / "seven.png")
+    shots = Path(os.environ.get("CACHEVIZ_SHOTS_DIR") or tmp)
+    shots.mkdir(parents=True, exist_ok=True)
+
+    def pick(label: str, option: str) -> None:
+        box = page.locator('[data-testid="stSelectbox"]', has_text=label).first
+        for _ in range(5):  # a rerun that redraws the box closes its list: open it again
+            box.click()
+            try:
+                page.get_by_role("option", name=option, exact=True).click(timeout=5_000)
+                break
+            except Exception:
+                time.sleep(0.5)
+        else:
+            raise AssertionError(f"could not pick {option} in {label}")
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=_load_harness().CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 3800})
+            page.goto(url)
+            page.get_by_role("link", name="Knowledge store").first.click()
+            page.get_by_role("button", name="Create the knowledge store").click(timeout=60_000)
+            page.get_by_text("How it answers").wait_for(timeout=240_000)
+
+            pick("Class", "3")
+            page.get_by_role("button", name="Remove class").click()
+            page.get_by_text("After removing 3: the network still gets").wait_for(timeout=60_000)
+            page.get_by_text("changed their cache-only model answer").first.wait_for(timeout=60_000)
+            page.screenshot(path=str(shots / "browser-knowledge-forget.png"), full_page=True)
+
+            page.get_by_role("button", name="Undo the last edit").click()
+            page.get_by_text("Version 3: undo back to version 1").wait_for(timeout=60_000)
+
+            page.locator('[data-testid="stFileUploader"]', has_text="Images").locator('input[type="file"]') \
+                .set_input_files(str(png))
+            page.get_by_text("seven.png").first.wait_for(timeout=60_000)
+            pick("Their label", "7")
+            add = page.get_by_role("button", name="Add to the store")
+            deadline = time.time() + 60
+            while time.time() < deadline and not add.is_enabled():  # enabled once the upload decoded
+                time.sleep(0.3)
+            add.click()
+            page.get_by_text("Version 4: add 1 image labelled 7").wait_for(timeout=60_000)
+            # asked with the same drawing, the store answers from the item just taught
+            page.locator('[data-testid="stRadio"]', has_text="Query image").get_by_text("Upload", exact=True).click()
+            page.locator('[data-testid="stFileUploader"]', has_text="An image").locator('input[type="file"]') \
+                .set_input_files(str(png))
+            page.get_by_text(re.compile(r"^7 · sim 1\.000 · .* · added #")).first.wait_for(timeout=60_000)
+            time.sleep(1.0)  # let the images paint
+            shot = shots / "browser-knowledge.png"
+            page.screenshot(path=str(shot), full_page=True)
+            assert page.get_by_text("Traceback").count() == 0
+        except Exception:
+            page.screenshot(path=str(shots / "browser-knowledge-failed.png"), full_page=True)
+            raise
+        finally:
+            browser.close()
+    print(f"\nscreenshots: {shots / 'browser-knowledge-forget.png'}, {shot}")
+    assert shot.stat().st_size > 10_000

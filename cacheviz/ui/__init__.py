@@ -10,6 +10,7 @@
     robustness the robustness lab's studies and tables, and the "Why it resists" view's models
     jacobian   the Jacobians page (Figure 4): its study, |J| table, command line, explorer order
     early      the "Answer early" page: its study, exit layers, tables at one tau, command line
+    knowledge  the "Knowledge store" page: creating the store, edits, what an edit changed, queries
 
 Pages read widgets, build a study, look it up or run it through `panels`, and draw; they use
 the names re-exported here.
@@ -23,6 +24,9 @@ from .early import (early_cli, early_layers, early_study, early_table, faster_wi
 from .jacobian import (RHO_ATTACKS, THETA_RANGE, by_network_norm, clicked_point, correlation_table, jacobian_cli, jacobian_default_n,
                        jacobian_study, jacobian_summary, norm_table, norms_of, rho_group, rho_rows)
 from .jobs import Job, JobBoard
+from .knowledge import (changed_gallery, decode_all, edit, how_it_answers, open_store, per_class_rows, show_notes,
+                        store_cli, store_default_pair, store_explain, store_k, store_neighbour_gallery, store_panel,
+                        store_verdict, version_label, where_it_lives)
 from .messages import WIDGETS, markdown_text, message, upload_name
 from .nav import ensure_entrypoint, entrypoint_started, page_config, pages
 from .panels import build_panel, experiment_page, guard, index_job, load_index, show_problem, study_panel
@@ -54,6 +58,9 @@ if not _log.handlers:
 __all__ = [
     "early_cli", "early_layers", "early_study", "early_table", "faster_within", "keynet_cli", "keynet_default", "keynet_label", "keynet_model", "trained_keynets", "keynet_study",
     "keynet_tables", "keynet_query", "keynet_theta",
+    "changed_gallery", "decode_all", "edit", "how_it_answers", "open_store", "per_class_rows", "show_notes",
+    "store_cli", "store_default_pair", "store_explain", "store_k", "store_neighbour_gallery", "store_panel",
+    "store_verdict", "version_label", "where_it_lives",
     "Job", "JobBoard", "WIDGETS", "message", "markdown_text", "upload_name", "ensure_entrypoint", "entrypoint_started", "page_config", "pages",
     "build_panel", "experiment_page", "guard", "index_job", "load_index", "show_problem", "study_panel", "decode", "image_key",
     "picks", "query", "result_tag", "thumbnails", "workspace", "CIFAR", "CUSTOM", "DATASETS", "K_DATASET",

@@ -44,6 +44,7 @@ def pages(root: str | Path) -> dict[str, list]:
         "Explore": [
             st.Page(pg / "home.py", title="Cache model", icon=":material/memory:", default=True),
             st.Page(pg / "neighbours.py", title="Neighbours", icon=":material/image_search:"),
+            st.Page(pg / "knowledge.py", title="Knowledge store", icon=":material/database:"),
         ],
         "The paper's experiments": [
             st.Page(pg / "layers.py", title="Which layer (Fig. 2)", icon=":material/stacked_line_chart:"),
