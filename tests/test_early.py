@@ -98,7 +98,9 @@ def test_timing_measures_only_the_truncated_pass(digits):
     finally:
         spec.net.fc2 = fc2
     assert full >= 0.2
-    assert cut < 0.15
+    # the truncated pass skips the 0.2 s of sleep; compared with the full pass, not with a fixed
+    # bound, so a loaded machine slowing both does not fail it
+    assert full - cut > 0.15
 
 
 def test_exit_layers_are_checked(digits):

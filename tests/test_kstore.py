@@ -275,3 +275,12 @@ def test_the_hnsw_graph_is_saved_and_reused_by_the_next_process(ks, monkeypatch)
     b._faiss_index()
     assert b._index_rows == len(b._keys) == a.head.next_id  # the saved graph plus the row added since
     np.testing.assert_array_equal(b.search(q, 10, version=1)[1], first[1])
+
+
+def test_an_emptied_store_votes_for_no_class(ks):
+    ks.remove(ks.live_ids())
+    ev = ks.evaluate()
+    assert (ev.pred_cache_only == -1).all()  # nothing to retrieve, no answer
+    np.testing.assert_array_equal(ev.pred_cache, ev.pred_net)  # a uniform p_mem leaves p_net's order
+    p = ks.p_mem(ks.test_items()["q"][:3].numpy())
+    torch.testing.assert_close(p, torch.full_like(p, 0.1))
