@@ -42,7 +42,6 @@ def main() -> None:
     from cacheviz.config import Setup
     from cacheviz.images import decode_upload
 
-    torch.set_num_threads(os.cpu_count() or 1)
     setup = Setup(dataset="cifar10", model="resnet20", layers=tuple(args.layers.split(",")))
     t0 = time.perf_counter()
     existed = (kstore.stores_dir(args.data_dir) / kstore.store_name(setup) / "meta.json").exists()
