@@ -25,9 +25,10 @@ p_mem comes from the k retrieved items (`cache.p_mem_from_topk`); `p_mem_exact` 
 full-softmax torch path for small stores. Default k = 10: on CIFAR-10 with ResNet20's default
 keys the cache model is as accurate at k = 10 as with the exact p_mem (85.12% against 84.86%;
 cache-only 80.32% against 80.62%; docs/results/store/topk-resnet20-exact.json), and a small k is
-what lets a few added examples correct an answer: with k = 100 on digits (theta 30), even six
-labelled copies of a misread test image did not outvote its ~100 near neighbours; with k = 10
-one copy corrected 4 of the 5 misread test images and broke none (tests/test_kstore.py).
+what lets a few added examples correct an answer: on digits (theta 30), with k = 100, six
+labelled examples of a misread test image (itself and shifted copies) corrected only 2 of the 5
+misread test images; with k = 10 the image alone corrected 4 of the 5 and broke no other answer
+(tests/test_kstore.py checks the latter).
 """
 from __future__ import annotations
 
