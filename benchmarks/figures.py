@@ -57,11 +57,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jacobian", metavar="JSON", help="jacobian rows: Figure 4 (and |J| against rho_adv)")
     p.add_argument("--early", metavar="JSON", help="early rows: the accuracy/latency frontier")
     p.add_argument("--tau", type=float, default=0.9, help="the gate's threshold drawn with --early (default 0.9)")
+    p.add_argument("--incremental", nargs="+", metavar="TITLE=JSON",
+                   help="incremental rows, one panel each: the store against a fine-tuned head, task by task")
     p.add_argument("--out-dir", default="docs/figures", help="where the PNGs go (default docs/figures)")
     p.add_argument("--width", type=int, default=900, help="figure width in layout pixels (PNG at 2x)")
     args = p.parse_args(argv)
-    if not (args.layers or args.sizes or args.table1 or args.curves or args.jacobian or args.early):
-        p.error("give --layers, --sizes, --table1, --curves, --jacobian and/or --early")
+    if not (args.layers or args.sizes or args.table1 or args.curves or args.jacobian or args.early
+            or args.incremental):
+        p.error("give --layers, --sizes, --table1, --curves, --jacobian, --early and/or --incremental")
     try:
         out = Path(args.out_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -93,6 +96,12 @@ def main(argv: list[str] | None = None) -> int:
             rows = read_rows(args.early, {"layer", "mode", "cache_fraction", "tau", "accuracy", "ms_per_image"})
             written.append(write_png(plots.fig_early_frontier(rows, tau=args.tau), out / "early-frontier.png",
                                      args.width))
+        if args.incremental:
+            panels = {}
+            for spec in args.incremental:
+                title, _, f = spec.rpartition("=")
+                panels[title or f] = read_rows(f, {"task", "method", "scenario", "accuracy_seen"})
+            written.append(write_png(plots.fig_incremental(panels), out / "incremental.png", args.width))
     except CachevizError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -267,8 +267,8 @@ def faiss_rows(kind: str, x, q, truth, a) -> list[dict]:
         elif kind != "flat":
             index.nprobe = val
         row = dict(base, setting=label, load_before=os.getloadavg()[0])
-        row.update(single(lambda v: index.search(v, K)[1], q, a.lat_queries, truth))
-        ids, row["batch_q_per_s"] = batch(lambda v: index.search(v, K)[1], q)
+        row.update(single(lambda v, ix=index: ix.search(v, K)[1], q, a.lat_queries, truth))
+        ids, row["batch_q_per_s"] = batch(lambda v, ix=index: ix.search(v, K)[1], q)
         row["recall_at_10"] = recall(ids, truth)
         row["rss_after_mb"], row["peak_rss_mb"] = rss_mb(), peak_rss_mb()
         row["load_after"] = os.getloadavg()[0]

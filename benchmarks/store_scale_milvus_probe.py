@@ -5,9 +5,8 @@
 Inserts, flushes, builds IVF_FLAT (nlist 1024), loads; lists the files on disk (data .parquet, index .idx);
 times 50 single top-10 queries (nprobe 16) right after load and again after 60 s idle; prints describe_index.
 """
-import sys, time, importlib.util, tempfile, os
+import sys, time, tempfile
 from pathlib import Path
-import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import store_scale as s
 from pymilvus import MilvusClient, DataType

@@ -35,7 +35,6 @@ def main() -> None:
     args = ap.parse_args()
 
     import faiss
-    import torch
     from PIL import Image
 
     from cacheviz import kstore

@@ -752,3 +752,31 @@ def fig_store_per_class(classes: Sequence[str], before: Mapping[str, np.ndarray]
         xaxis=dict(type="category", title="class"), height=height, margin=dict(l=10, r=10, t=30, b=10),
         legend=dict(orientation="h", yanchor="bottom", y=1.0, xanchor="right", x=1.0, font=dict(size=10)))
     return fig
+
+
+def fig_incremental(panels: Mapping[str, Sequence[Mapping]], height: int = 420) -> go.Figure:
+    """Accuracy on the classes seen so far after each task: one panel per run (title -> its
+    `incremental` rows), the store solid and the fine-tuned head dashed, class- and
+    task-incremental in two colours; the head's class-incremental fall is the forgetting."""
+    from plotly.subplots import make_subplots
+
+    titles = list(panels)
+    fig = make_subplots(rows=1, cols=len(titles), subplot_titles=titles, shared_yaxes=True)
+    colors = {"class": "#d62728", "task": "#1f77b4"}
+    for col, title in enumerate(titles, start=1):
+        rows = panels[title]
+        for scenario in ("class", "task"):
+            for method, dash in (("store", "solid"), ("finetune", "dash")):
+                pts = sorted((r["task"], 100 * r["accuracy_seen"]) for r in rows
+                             if r["scenario"] == scenario and r["method"] == method)
+                if not pts:
+                    continue
+                fig.add_trace(go.Scatter(
+                    x=[p[0] for p in pts], y=[p[1] for p in pts], mode="lines+markers",
+                    line=dict(color=colors[scenario], dash=dash),
+                    name=f"{'store' if method == 'store' else 'fine-tuned head'}, {scenario}-incremental",
+                    legendgroup=f"{method}-{scenario}", showlegend=col == 1), row=1, col=col)
+        fig.update_xaxes(title_text="after task", dtick=1, row=1, col=col)
+    fig.update_yaxes(title_text="accuracy on the classes seen so far (%)", range=[0, 102], row=1, col=1)
+    fig.update_layout(height=height, legend=dict(orientation="h", y=-0.25), margin=dict(t=40))
+    return fig

@@ -98,3 +98,18 @@ def test_bad_input_is_one_sentence_and_status_2(data_dir, capsys, argv, words):
     assert main(["incremental", "--data-dir", str(data_dir), *argv]) == 2
     err = capsys.readouterr().err.strip()
     assert words in err and len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+def test_the_incremental_figure_draws_each_method_and_scenario():
+    import json
+    from pathlib import Path
+
+    from cacheviz.plots import fig_incremental
+
+    rows = json.loads((Path(__file__).resolve().parents[1] / "docs/results/store/incremental-digits-first.json").read_text())
+    fig = fig_incremental({"a": rows, "b": rows})
+    assert len(fig.data) == 8  # 2 panels x (store, finetune) x (class, task)
+    head = [t for t in fig.data if t.name == "fine-tuned head, class-incremental"][0]
+    want = [100 * r["accuracy_seen"] for r in sorted(rows, key=lambda r: r["task"])
+            if r["method"] == "finetune" and r["scenario"] == "class"]
+    assert list(head.y) == want
