@@ -267,7 +267,11 @@ class Study(ABC):
         return None if key is None else self.load(data_dir, key)
 
     def load(self, data_dir: str | Path, key: dict) -> Any | None:
-        return store.load_result(self.path(data_dir, key), key, self.valid)
+        path = self.path(data_dir, key)
+        # a run killed mid-write after an identical result was stored leaves a temp file that no
+        # later writer would meet (the result is found, nothing is written): readers sweep too
+        store.sweep_stale_temps(path.parent)
+        return store.load_result(path, key, self.valid)
 
     def run(self, data_dir: str | Path, device: str = "auto", progress: Reporter | ProgressFn | None = None,
             force: bool = False, batch_size: int = 256) -> Any:
