@@ -51,6 +51,7 @@ import torch
 from . import store
 from .cache import CacheMemory, p_mem_from_topk
 from .config import Setup
+from .data import balanced_subset
 from .errors import CachevizError
 from .progress import Reporter, Silent, Stage
 
@@ -270,7 +271,7 @@ class KnowledgeStore:
         labels = ws.ds.train_y[train_idx].long()
         q_test = data.queries(ws.layers)[1].float().cpu()
         test_idx, y_test = ws.split.test_idx, data.y_test
-        pick = _balanced(y_test, EVAL_ITEMS, setup.seed)
+        pick = balanced_subset(y_test, EVAL_ITEMS, setup.seed)
         path.mkdir(parents=True, exist_ok=True)
         store.save_tensors(path / "test.safetensors",
                            {"q": q_test[pick].contiguous(), "p_net": data.p_test.float().cpu()[pick].contiguous(),
@@ -698,7 +699,7 @@ class KnowledgeStore:
             p_co = self.p_mem_of(d, ids, self.theta_cache_only)
             empty = (ids < 0).all(1)  # an empty store answers nothing from memory
             p_cache = (1 - self.lam) * p_net + self.lam * p_mem
-            pred_co = np.where(empty.numpy() if isinstance(empty, torch.Tensor) else empty, -1, p_co.argmax(1).numpy())
+            pred_co = np.where(empty, -1, p_co.argmax(1).numpy())
             got = Evaluation(v, t["y"].numpy(), pred_net, p_cache.argmax(1).numpy(), pred_co, t["test_idx"].numpy())
             self._evals[(v, k)] = got
         return got
@@ -745,20 +746,6 @@ def _make_collection(client, name: str, dim: int) -> None:
     ip = client.prepare_index_params()
     ip.add_index(field_name="key", index_type="FLAT", metric_type="IP")
     client.create_collection(name, schema=schema, index_params=ip)
-
-
-def _balanced(y: torch.Tensor, n: int, seed: int) -> torch.Tensor:
-    """Up to `n` positions of `y`, as many per class as possible, seeded; all when fewer."""
-    if len(y) <= n:
-        return torch.arange(len(y))
-    g = torch.Generator().manual_seed(seed)
-    classes = torch.unique(y)
-    per = n // len(classes)
-    pick = []
-    for c in classes:
-        pos = torch.nonzero(y == c).flatten()
-        pick.append(pos[torch.randperm(len(pos), generator=g)[:per]])
-    return torch.sort(torch.cat(pick)).values
 
 
 def _crash_point(where: str) -> None:
