@@ -48,7 +48,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from . import store
+from . import kdb, store
 from .cache import CacheMemory, p_mem_from_topk
 from .config import Setup
 from .data import balanced_subset
@@ -63,8 +63,6 @@ HNSW_M, HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH = 32, 80, 128
 EVAL_ITEMS = 2000  # test items an edit is judged on (class-balanced); all of them when fewer
 INSERT_BATCH = 1000
 SMALL_BATCH = 32  # queries searched on one FAISS thread (see `search`)
-COLLECTION = "items"
-SOURCE_LEN, NAME_LEN = 512, 128
 
 
 def stores_dir(data_dir: str | os.PathLike) -> Path:
@@ -127,71 +125,6 @@ def changed(before: Evaluation, after: Evaluation, model: str = "cache_only") ->
         rows.append({"test_idx": int(before.test_idx[i]), "label": int(before.y[i]), "network": int(before.pred_net[i]),
                      "before": int(a[i]), "after": int(b[i])})
     return rows
-
-
-# ---------------------------------------------------------------------------------------------
-# The database
-
-
-_SERVER_CLIENTS: dict[str, object] = {}
-_PROCESS_LOCK = threading.RLock()
-
-
-@contextlib.contextmanager
-def _db(path: Path) -> Iterator[object]:
-    """The store's database, held only while in use.
-
-    Milvus Lite serves one process per file, and the app's sessions, its worker processes and
-    the CLI all edit stores; so each use takes the store's file lock, opens the file, and closes
-    it (stopping its embedded server) after. A Milvus server (`CACHEVIZ_MILVUS_URI`) handles
-    concurrent clients itself: its client stays open.
-    """
-    uri = os.environ.get("CACHEVIZ_MILVUS_URI")
-    try:
-        from pymilvus import MilvusClient
-    except ImportError as exc:  # pragma: no cover - in requirements
-        raise CachevizError("the knowledge store needs pymilvus and milvus-lite",
-                            "install the project's requirements.txt") from exc
-    if uri:
-        with _PROCESS_LOCK:
-            c = _SERVER_CLIENTS.get(uri)
-            if c is None:
-                c = _SERVER_CLIENTS[uri] = _connect(MilvusClient, uri, os.environ.get("CACHEVIZ_MILVUS_TOKEN", ""))
-        yield c
-        return
-    db = str(path / "items.db")
-    with _PROCESS_LOCK, open(path / "db.lock", "a+") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        c = _connect(MilvusClient, db)
-        try:
-            yield c
-        finally:
-            try:
-                c.close()
-            finally:
-                from milvus_lite.server_manager import server_manager_instance
-
-                server_manager_instance.release_server(db)
-                fcntl.flock(fh, fcntl.LOCK_UN)
-
-
-def _connect(client_cls, uri: str, token: str = ""):
-    try:
-        return client_cls(uri, token=token) if token else client_cls(uri)
-    except Exception as exc:
-        raise CachevizError(f"the store's database at {uri} could not be opened ({type(exc).__name__}: {exc})",
-                            "close the other program using it", "or point CACHEVIZ_MILVUS_URI at a Milvus server"
-                            ) from exc
-
-
-def _load(client, coll: str) -> None:
-    # a reopened collection starts released; searching and querying need it loaded
-    client.load_collection(coll)
-
-
-def _collection_name(name: str) -> str:
-    # a shared server holds many stores; Milvus names allow letters, digits and underscores
-    return COLLECTION if not os.environ.get("CACHEVIZ_MILVUS_URI") else "cv_" + re.sub(r"\W", "_", name)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -282,8 +215,8 @@ class KnowledgeStore:
                 "theta": sc.theta, "lam": sc.lam, "theta_cache_only": sc.theta_cache_only,
                 "exact_accuracy": sc.acc, "exact_cache_only_accuracy": sc.cache_only_acc,
                 "format": 1, "created": time.time()}
-        with _db(path) as client:
-            _make_collection(client, _collection_name(name), int(keys.shape[1]))
+        with kdb.db(path) as client:
+            kdb.make_collection(client, kdb.collection_name(name), int(keys.shape[1]))
         store.atomic_write_json(path / "meta.json", meta)
         ks = cls(path, data_dir, device)
         ks._ws = ws
@@ -350,9 +283,9 @@ class KnowledgeStore:
         orphans += [f.with_suffix(".safetensors") for f in (self.path / "segments").glob("*.json")
                     if int(f.stem) >= next_id and not f.with_suffix(".safetensors").exists()]
         if orphans:
-            with _db(self.path) as client:
-                coll = _collection_name(self.meta["name"])
-                _load(client, coll)
+            with kdb.db(self.path) as client:
+                coll = kdb.collection_name(self.meta)
+                kdb.load(client, coll)
                 client.delete(coll, filter=f"id >= {next_id}")
             for f in orphans:
                 f.unlink(missing_ok=True)
@@ -418,15 +351,15 @@ class KnowledgeStore:
             store.atomic_write_json(seg.with_suffix(".json"), {"sources": sources})
             store.save_tensors(seg, {"keys": torch.from_numpy(keys), "labels": torch.from_numpy(labels)},
                                {"kind": "store-segment", "first": first, "n": n})
-            coll = _collection_name(self.meta["name"])
+            coll = kdb.collection_name(self.meta)
             number = (self.head.number + 1) if self.head else 1
-            with _db(self.path) as client:
-                _load(client, coll)
+            with kdb.db(self.path) as client:
+                kdb.load(client, coll)
                 for s in range(0, n, INSERT_BATCH):
                     e = min(n, s + INSERT_BATCH)
                     client.insert(coll, [{"id": first + i, "key": keys[i].tolist(), "label": int(labels[i]),
-                                          "source": sources[i][:SOURCE_LEN],
-                                          "class_name": self.classes[labels[i]][:NAME_LEN],
+                                          "source": sources[i][:kdb.SOURCE_LEN],
+                                          "class_name": self.classes[labels[i]][:kdb.NAME_LEN],
                                           "task": int(task), "version": number} for i in range(s, e)])
                     _crash_point("insert")
                     if progress:
@@ -647,9 +580,9 @@ class KnowledgeStore:
         n = self.head.next_id
         dead = np.setdiff1d(np.arange(n, dtype=np.int64), live, assume_unique=True)
         expr = f"id < {n}" + (f" and id not in [{','.join(map(str, dead.tolist()))}]" if len(dead) else "")
-        coll = _collection_name(self.meta["name"])
-        with _db(self.path) as client:
-            _load(client, coll)
+        coll = kdb.collection_name(self.meta)
+        with kdb.db(self.path) as client:
+            kdb.load(client, coll)
             res = client.search(coll, data=[r.tolist() for r in q], limit=min(k, len(live)), filter=expr,
                                 search_params={"metric_type": "IP"}, output_fields=["id"])
         d = np.full((len(q), k), -np.inf, np.float32)
@@ -728,24 +661,6 @@ class KnowledgeStore:
     def summary(self) -> list[dict]:
         return [{"version": v.number, "op": v.op, "detail": v.detail, "items": v.n_live, "parent": v.parent,
                  "created": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(v.created))} for v in self.versions]
-
-
-def _make_collection(client, name: str, dim: int) -> None:
-    from pymilvus import DataType
-
-    if client.has_collection(name):
-        client.drop_collection(name)  # a store without meta.json never committed anything
-    schema = client.create_schema(auto_id=False, enable_dynamic_field=False)
-    schema.add_field("id", DataType.INT64, is_primary=True)
-    schema.add_field("key", DataType.FLOAT_VECTOR, dim=dim)
-    schema.add_field("label", DataType.INT64)
-    schema.add_field("source", DataType.VARCHAR, max_length=SOURCE_LEN)
-    schema.add_field("class_name", DataType.VARCHAR, max_length=NAME_LEN)
-    schema.add_field("task", DataType.INT64)
-    schema.add_field("version", DataType.INT64)
-    ip = client.prepare_index_params()
-    ip.add_index(field_name="key", index_type="FLAT", metric_type="IP")
-    client.create_collection(name, schema=schema, index_params=ip)
 
 
 def _crash_point(where: str) -> None:
