@@ -39,8 +39,11 @@ import io
 import json
 import os
 import re
+import secrets
+import shutil
 import threading
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -48,11 +51,12 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from . import kdb, store
+from . import kdb, kversions, store
 from .cache import CacheMemory, p_mem_from_topk
 from .config import Setup
 from .data import balanced_subset
 from .errors import CachevizError
+from .kversions import MAIN, StoreDamaged, Version
 from .progress import Reporter, Silent, Stage
 
 DEFAULT_K = 10
@@ -70,27 +74,12 @@ def stores_dir(data_dir: str | os.PathLike) -> Path:
 
 
 def store_name(setup: Setup) -> str:
-    """One store per setup by default: the model's name and a hash of what determines the keys."""
+    """One store per setup by default: the model's name and a hash of what determines the keys,
+    the weights included when a checkpoint is named (another network's keys are another store)."""
     ident = setup.identity()
+    if setup.checkpoint and Path(setup.checkpoint).is_file():
+        ident = dict(ident, weights=store.file_sha256(setup.checkpoint))
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{setup.dataset}-{setup.model}-{store.config_hash(ident)[:12]}")
-
-
-@dataclass(frozen=True)
-class Version:
-    number: int
-    parent: int | None  # the version whose live set this one starts from
-    undo_target: int | None  # the version an undo of this one returns to
-    op: str  # create | add | remove | undo
-    detail: str
-    added: list[list[int]]  # [first id, end id) ranges
-    removed: list[int]
-    next_id: int
-    n_live: int
-    created: float
-
-    @classmethod
-    def from_json(cls, d: dict) -> "Version":
-        return cls(**{k: d[k] for k in cls.__dataclass_fields__})
 
 
 @dataclass
@@ -131,56 +120,158 @@ def changed(before: Evaluation, after: Evaluation, model: str = "cache_only") ->
 # The store
 
 
-class KnowledgeStore:
-    """A versioned store of cache items; see the module docstring. Open with `open` or `create`."""
+class _Shared:
+    """What every view (branch) of one store shares within a process: the key rows read from the
+    segments, the versions, the search index and cached evaluations."""
 
-    def __init__(self, path: Path, data_dir: Path, device: str | torch.device = "cpu"):
+    def __init__(self, dim: int):
+        self.lock = threading.RLock()
+        self.keys = np.zeros((0, dim), np.float32)
+        self.labels = np.zeros(0, np.int64)
+        self.sources: list[str] = []
+        self.versions: dict[int, Version] = {}
+        self.stamp = None  # head.json's (inode, size, mtime) when last read
+        self.live: dict[int, np.ndarray] = {}
+        self.evals: dict[tuple[int, int], Evaluation] = {}
+        self.index = None
+        self.index_rows = 0
+        self.index_kind: str | None = None
+        self.ws = None
+        self.tests_checked = None  # test.safetensors' stamp when last verified
+
+
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
+META_KEYS = ("name", "setup", "layers", "dim", "classes", "theta", "lam", "theta_cache_only", "weights")
+FORMAT = 2  # 2: sealed meta and manifests, journal copies, head.json
+
+
+def repair_hint(name: str) -> str:
+    return f"repair it with `python -m cacheviz store repair --store {name}`"
+
+
+class StoreUnfinished(CachevizError):
+    """A store whose creation never committed (made before creates were atomic)."""
+
+
+def _stamp(path: Path):
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def read_meta(path: Path) -> dict:
+    """A store's meta.json, checked; CachevizError when there is none, StoreDamaged when it is damaged."""
+    f = path / "meta.json"
+    name = path.name
+    try:
+        raw = json.loads(f.read_bytes())
+    except FileNotFoundError:
+        raise CachevizError(f"there is no knowledge store at {name}", "create it with `store create`",
+                            param="store", value=name) from None
+    except (OSError, ValueError):
+        raise StoreDamaged(f"knowledge store {name}'s meta.json is damaged (not readable JSON); nothing was changed",
+                           repair_hint(name)) from None
+    if not isinstance(raw, dict):
+        raise StoreDamaged(f"knowledge store {name}'s meta.json is damaged; nothing was changed", repair_hint(name))
+    if "sha256" in raw or raw.get("format", 1) >= FORMAT:
+        try:
+            raw = kversions.unseal(f)
+        except ValueError as exc:
+            raise StoreDamaged(f"knowledge store {name}'s meta.json cannot be trusted ({exc}); nothing was changed",
+                               repair_hint(name)) from None
+    missing = [k for k in META_KEYS if k not in raw]
+    if missing:
+        raise StoreDamaged(f"knowledge store {name}'s meta.json lacks {', '.join(missing)}; nothing was changed",
+                           repair_hint(name))
+    return raw
+
+
+class KnowledgeStore:
+    """A versioned store of cache items; see the module docstring. Open with `open` or `create`.
+
+    `branch`: the line of versions this object reads and edits ("main", everyone's, by default;
+    see `on_branch`)."""
+
+    def __init__(self, path: Path, data_dir: Path, device: str | torch.device = "cpu", branch: str = MAIN,
+                 expect_weights: str | None = None, _creating: bool = False):
         self.path = Path(path)
         self.data_dir = Path(data_dir)
         self.device = device
-        meta = store.load_json(self.path / "meta.json")
-        if not meta:
-            raise CachevizError(f"there is no knowledge store at {self.path}", "create it with `store create`",
-                                param="store", value=str(self.path))
-        self.meta = meta
+        self.branch = kversions.check_branch(branch)
+        self.meta = meta = read_meta(self.path)
+        self.name = meta["name"] if _creating else self.path.name
         self.setup = Setup(**meta["setup"])
         self.layers: list[str] = meta["layers"]
         self.classes: list[str] = meta["classes"]
         self.dim: int = meta["dim"]
         self.theta, self.lam, self.theta_cache_only = meta["theta"], meta["lam"], meta["theta_cache_only"]
-        self._lock = threading.RLock()
-        self._ws = None
-        self._index = None
-        self._index_rows = 0
-        self._keys = np.zeros((0, self.dim), np.float32)
-        self._labels = np.zeros(0, np.int64)
-        self._sources: list[str] = []
-        self._live_cache: dict[int, np.ndarray] = {}
-        self._evals: dict[tuple[int, int], Evaluation] = {}
-        with self._edit_lock():
-            self._load_versions()
-            self._sweep_orphans()
-        self._load_segments()
+        self._s = _Shared(self.dim)
+        self._lock = self._s.lock
+        self._creating = _creating
+        if expect_weights is not None and expect_weights != meta["weights"]:
+            raise self._weights_error(expect_weights)
+        self._writable = os.access(self.path, os.W_OK | os.X_OK)
+        if meta.get("format", 1) < FORMAT and self._writable:
+            with self._edit_lock():
+                self._upgrade()
+        if self._writable:
+            with self._edit_lock():
+                self._sync(force=True)
+                self._sweep()
+                self._check_db()
+        else:  # a read-only copy: readable as it is, never swept or edited
+            self._sync(force=True)
+
+    # -- shared state, as the attributes the rest of the code reads ------------------------
+
+    _keys = property(lambda self: self._s.keys)
+    _labels = property(lambda self: self._s.labels)
+    _sources = property(lambda self: self._s.sources)
+    _index_rows = property(lambda self: self._s.index_rows)
+    _index_kind = property(lambda self: self._s.index_kind)
+
+    @property
+    def _ws(self):
+        return self._s.ws
+
+    @_ws.setter
+    def _ws(self, ws) -> None:
+        self._s.ws = ws
+
+    def on_branch(self, name: str) -> "KnowledgeStore":
+        """A view of this store whose edits commit to branch `name` (a session's own line of
+        versions, seen by nobody else until `publish`); it shares this object's loaded rows."""
+        view = object.__new__(KnowledgeStore)
+        view.__dict__.update(self.__dict__)
+        view.branch = kversions.check_branch(name)
+        return view
 
     # -- opening and creating --------------------------------------------------------------
 
     @classmethod
-    def open(cls, name_or_path: str | os.PathLike, data_dir: str | os.PathLike, device="cpu") -> "KnowledgeStore":
+    def open(cls, name_or_path: str | os.PathLike, data_dir: str | os.PathLike, device="cpu", branch: str = MAIN,
+             expect_weights: str | None = None) -> "KnowledgeStore":
         p = Path(name_or_path)
         if not (p / "meta.json").exists():
             p = stores_dir(data_dir) / str(name_or_path)
-        if not (p / "meta.json").exists():
-            have = sorted(d.name for d in stores_dir(data_dir).glob("*") if (d / "meta.json").exists())
+        if not (p / "meta.json").exists() or not NAME_RE.fullmatch(p.name):
+            have = list_stores(data_dir)
             raise CachevizError(f"there is no knowledge store {str(name_or_path)!r}",
                                 f"use one of {', '.join(have)}" if have else "create one with `store create`",
                                 param="store", value=str(name_or_path))
-        return cls(p, Path(data_dir), device)
+        return cls(p, Path(data_dir), device, branch=branch, expect_weights=expect_weights)
 
     @classmethod
     def create(cls, setup: Setup, data_dir: str | os.PathLike, device="cpu", name: str | None = None,
                progress: Reporter | None = None) -> "KnowledgeStore":
         """Version 1: the setup's cache items (training images, no flips), theta and lam tuned on
-        the setup's validation part, and the held-out test items an edit is judged on."""
+        the setup's validation part, and the held-out test items an edit is judged on.
+
+        One commit: the store is built in a hidden folder beside the others and renamed into
+        place only once its first version is committed, so a create that is killed, or fails on
+        a full disk, leaves no store behind (its folder is swept by the next create)."""
         from .study import score_keys
         from .tuning import default_grid
         from .workspace import ExperimentData, prepare
@@ -188,11 +279,22 @@ class KnowledgeStore:
         rep = progress or Silent()
         data_dir = Path(data_dir)
         name = name or store_name(setup)
-        if not re.fullmatch(r"[A-Za-z0-9_.-]{1,100}", name):
-            raise CachevizError("a store's name uses letters, digits, '.', '_' and '-'", param="store", value=name)
-        path = stores_dir(data_dir) / name
-        if (path / "meta.json").exists():
-            return cls(path, data_dir, device)
+        check_name(name)
+        root = stores_dir(data_dir)
+        final = root / name
+        sweep_unfinished(root)
+        if final.exists():
+            try:
+                return cls(final, data_dir, device)
+            except StoreUnfinished:  # never committed a version: nothing in it to keep
+                shutil.rmtree(final)
+            except CachevizError as exc:
+                if (final / "meta.json").exists():
+                    raise
+                if any(final.iterdir()) and not (final / "test.safetensors").exists():
+                    raise CachevizError(f"a folder named {name} that is not a store is in the way",
+                                        "give the store another --name") from exc
+                shutil.rmtree(final)  # a create from before creates were atomic, killed before its meta
         rep.stage(Stage.LOAD)
         ws = prepare(setup.replace(flip=False), data_dir, device, progress=rep.step)
         data = ExperimentData(ws, ws.layers, rep)
@@ -205,83 +307,188 @@ class KnowledgeStore:
         q_test = data.queries(ws.layers)[1].float().cpu()
         test_idx, y_test = ws.split.test_idx, data.y_test
         pick = balanced_subset(y_test, EVAL_ITEMS, setup.seed)
-        path.mkdir(parents=True, exist_ok=True)
-        store.save_tensors(path / "test.safetensors",
-                           {"q": q_test[pick].contiguous(), "p_net": data.p_test.float().cpu()[pick].contiguous(),
-                            "y": y_test[pick].long(), "test_idx": test_idx[pick].long()}, {"kind": "store-test"})
-        meta = {"kind": "knowledge-store", "name": name, "setup": setup.replace(flip=False).to_dict(),
+        uid = secrets.token_hex(8)
+        tmp = root / f".creating-{name}.{os.getpid()}.{uid}"
+        tmp.mkdir(parents=True)
+        coll = kdb.new_collection_name(name, uid)
+        try:
+            store.save_tensors(tmp / "test.safetensors",
+                               {"q": q_test[pick].contiguous(), "p_net": data.p_test.float().cpu()[pick].contiguous(),
+                                "y": y_test[pick].long(), "test_idx": test_idx[pick].long()}, {"kind": "store-test"})
+            meta = kversions.seal({
+                "kind": "knowledge-store", "name": name, "setup": setup.replace(flip=False).to_dict(),
                 "layers": list(ws.layers), "dim": int(keys.shape[1]), "classes": list(ws.ds.classes),
                 "dataset": setup.dataset, "net": ws.spec.name, "weights": ws.spec.weights_id,
                 "theta": sc.theta, "lam": sc.lam, "theta_cache_only": sc.theta_cache_only,
                 "exact_accuracy": sc.acc, "exact_cache_only_accuracy": sc.cache_only_acc,
-                "format": 1, "created": time.time()}
-        with kdb.db(path) as client:
-            kdb.make_collection(client, kdb.collection_name(name), int(keys.shape[1]))
-        store.atomic_write_json(path / "meta.json", meta)
-        ks = cls(path, data_dir, device)
-        ks._ws = ws
-        rep.stage("store")
-        ks._commit_rows(keys.numpy(), labels.numpy(), [f"train:{int(i)}" for i in train_idx], task=0, op="create",
-                        detail=f"{len(train_idx)} training images of {setup.dataset}", progress=rep)
+                "format": FORMAT, "created": time.time(), "uid": uid, "collection": coll})
+            store.atomic_write_json(tmp / kversions.JOURNAL / "meta.json", meta)
+            store.atomic_write_json(tmp / "meta.json", meta)
+            with kdb.db(tmp) as client:
+                kdb.make_collection(client, coll, int(keys.shape[1]))
+            ks = cls(tmp, data_dir, device, _creating=True)
+            ks._s.ws = ws
+            rep.stage("store")
+            ks._commit_rows(keys.numpy(), labels.numpy(), [f"train:{int(i)}" for i in train_idx], task=0, op="create",
+                            detail=f"{len(train_idx)} training images of {setup.dataset}", progress=rep)
+            _crash_point("create")
+            try:
+                os.rename(tmp, final)  # the commit point of a create
+            except OSError:  # another process created it meanwhile: theirs stands
+                if not (final / "meta.json").exists():
+                    raise
+                _discard(tmp)
+        except BaseException:
+            _discard(tmp)
+            raise
+        ks = cls(final, data_dir, device)
+        ks._s.ws = ws
         return ks
+
+    def _weights_error(self, sha: str) -> CachevizError:
+        return CachevizError(
+            f"knowledge store {self.name} was built from other weights (SHA-256 {self.meta['weights'][:12]}…) than "
+            f"these ({sha[:12]}…); its keys would mix two networks",
+            "create a store for these weights with `python -m cacheviz store create … --name NEW`",
+            "or put back the checkpoint the store was built from", param="checkpoint")
 
     # -- versions --------------------------------------------------------------------------
 
     @contextlib.contextmanager
     def _edit_lock(self) -> Iterator[None]:
-        """One editor at a time, across threads and processes (sessions, the CLI)."""
+        """One editor at a time, across threads and processes (sessions, app servers, the CLI)."""
+        if not self._writable:
+            raise CachevizError(f"knowledge store {self.name} is in a read-only folder, so it cannot be edited",
+                                "copy it to a data directory you can write to")
         with self._lock:
-            self.path.mkdir(parents=True, exist_ok=True)
-            with open(self.path / "lock", "a+") as fh:
-                fcntl.flock(fh, fcntl.LOCK_EX)
-                try:
-                    yield
-                finally:
-                    fcntl.flock(fh, fcntl.LOCK_UN)
+            with _dir_lock(self.path):
+                yield
 
-    def _load_versions(self) -> None:
-        vs = []
-        for f in sorted((self.path / "versions").glob("*.json")):
-            d = store.load_json(f)
-            if d:
-                vs.append(Version.from_json(d))
-        self.versions: list[Version] = sorted(vs, key=lambda v: v.number)
+    def _damaged(self, problems: list[str]) -> StoreDamaged:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        return StoreDamaged(f"knowledge store {self.name} is damaged: {problems[0]}{more}; nothing was changed",
+                            repair_hint(self.name))
+
+    def _sync(self, force: bool = False) -> None:
+        """Take in what other objects, sessions or processes committed since this one last looked
+        (versions and their key rows); checks every manifest it reads."""
+        stamp = _stamp(self.path / kversions.HEAD)
+        s = self._s
+        if not force and stamp == s.stamp and stamp is not None:
+            return
+        with s.lock:
+            r = kversions.read(self.path)
+            problems = r.problems
+            if self._creating or (not r.versions and not r.journal_only and r.head is None
+                                  and not (self.path / kversions.MANIFESTS).exists()):
+                if not self._creating:
+                    raise StoreUnfinished(f"knowledge store {self.name} was never finished (its creation was "
+                                          "interrupted)", "create it again with `store create`", param="store",
+                                          value=self.name)
+                problems = [p for p in problems if kversions.HEAD not in p]
+            if problems:
+                raise self._damaged(problems)
+            latest = r.latest
+            if latest is not None and r.head is not None and int(r.head["number"]) < latest.number and self._writable:
+                kversions.write_head(self.path, latest)  # committed, then killed before head.json: roll forward
+                stamp = _stamp(self.path / kversions.HEAD)
+            s.versions = r.versions
+            self._load_segments(latest.next_id if latest else 0)
+            s.stamp = stamp
+
+    def _latest(self) -> Version | None:
+        vs = self._s.versions
+        return vs[max(vs)] if vs else None
+
+    def _branch_head(self, branch: str) -> Version | None:
+        vs = self._s.versions
+        own = [n for n, v in vs.items() if v.branch == branch]
+        if own:
+            return vs[max(own)]
+        main = [n for n, v in vs.items() if v.branch == MAIN]
+        return vs[max(main)] if main else None
+
+    @property
+    def versions(self) -> list[Version]:
+        """The versions this branch can see: everyone's (main) and its own, oldest first."""
+        self._sync()
+        return [v for n, v in sorted(self._s.versions.items()) if v.branch in (MAIN, self.branch)]
 
     @property
     def head(self) -> Version | None:
-        return self.versions[-1] if self.versions else None
+        self._sync()
+        return self._branch_head(self.branch)
+
+    def branches(self) -> dict[str, Version]:
+        """The head of every branch but main (sessions' own lines)."""
+        self._sync()
+        names = {v.branch for v in self._s.versions.values()} - {MAIN}
+        return {b: self._branch_head(b) for b in sorted(names)}
 
     def version(self, number: int | None = None) -> Version:
         if number is None:
-            if self.head is None:
+            h = self.head
+            if h is None:
                 raise CachevizError("this store has no version yet", "create it again with `store create`")
-            return self.head
-        for v in self.versions:
-            if v.number == number:
-                return v
-        raise CachevizError(f"there is no version {number}", f"choose 1 to {self.head.number if self.head else 0}",
-                            param="version", value=number)
+            return h
+        self._sync()
+        v = self._s.versions.get(int(number)) if isinstance(number, (int, np.integer)) else None
+        if v is None or v.branch not in (MAIN, self.branch):
+            top = self.head.number if self.head else 0
+            raise CachevizError(f"there is no version {number}", f"choose one of {self.summary_numbers()}"
+                                if top else "create the store first", param="version", value=number)
+        return v
+
+    def summary_numbers(self) -> str:
+        ns = [v.number for v in self.versions]
+        return ", ".join(map(str, ns)) if len(ns) <= 8 else f"{ns[0]} to {ns[-1]}"
 
     def live_ids(self, number: int | None = None) -> np.ndarray:
-        """Sorted ids of the items version `number` (default: head) holds."""
+        """Sorted ids of the items version `number` (default: this branch's head) holds."""
         v = self.version(number)
-        got = self._live_cache.get(v.number)
-        if got is None:
-            base = self.live_ids(v.parent) if v.parent is not None else np.zeros(0, np.int64)
-            add = [np.arange(a, b, dtype=np.int64) for a, b in v.added]
-            got = np.union1d(base, np.concatenate(add)) if add else base
-            if v.removed:
-                got = np.setdiff1d(got, np.asarray(v.removed, np.int64), assume_unique=True)
-            self._live_cache[v.number] = got
-        return got
+        s = self._s
+        with s.lock:
+            chain, n = [], v.number
+            while n is not None and n not in s.live:  # iterative: a class may make thousands of versions
+                chain.append(s.versions[n])
+                n = s.versions[n].parent
+            got = s.live[n] if n is not None else np.zeros(0, np.int64)
+            for w in reversed(chain):
+                add = [np.arange(a, b, dtype=np.int64) for a, b in w.added]
+                got = np.union1d(got, np.concatenate(add)) if add else got
+                if w.removed:
+                    got = np.setdiff1d(got, np.asarray(w.removed, np.int64), assume_unique=True)
+                s.live[w.number] = got
+            return got
 
-    def _sweep_orphans(self) -> None:
-        """Remove what an edit that died before its manifest left behind."""
-        next_id = self.head.next_id if self.head else 0
-        # an edit writes its segment before its rows, so orphan rows imply an orphan segment
-        orphans = [f for f in (self.path / "segments").glob("*.safetensors") if int(f.stem) >= next_id]
-        orphans += [f.with_suffix(".safetensors") for f in (self.path / "segments").glob("*.json")
-                    if int(f.stem) >= next_id and not f.with_suffix(".safetensors").exists()]
+    def _upgrade(self) -> None:
+        """Seal a store made before manifests carried checksums (once, in place, nothing dropped)."""
+        r = kversions.read(self.path, legacy=True)
+        if r.problems:
+            raise self._damaged(r.problems)
+        if not r.versions:
+            raise StoreUnfinished(f"knowledge store {self.name} was never finished (its creation was interrupted)",
+                                  "create it again with `store create`", param="store", value=self.name)
+        for n in sorted(r.versions):
+            kversions.write(self.path, r.versions[n])
+        meta = dict(self.meta, format=FORMAT, collection=kdb.collection_name(self.meta), uid=secrets.token_hex(8))
+        meta = kversions.seal(meta)
+        store.atomic_write_json(self.path / kversions.JOURNAL / "meta.json", meta)
+        store.atomic_write_json(self.path / "meta.json", meta)
+        self.meta = {k: v for k, v in meta.items() if k != "sha256"}
+
+    def _sweep(self) -> None:
+        """Remove what an edit that died before its commit left behind. Runs only on a history
+        that read back whole (`_sync` raised otherwise), so nothing a committed manifest names,
+        nor anything a damaged one might, is ever touched: every id at or past the newest
+        committed version's `next_id` belongs to an edit that never committed."""
+        latest = self._latest()
+        next_id = latest.next_id if latest else 0
+        top = latest.number if latest else 0
+        segs = self.path / "segments"
+        orphans = [f for f in segs.glob("*.safetensors") if f.stem.isdigit() and int(f.stem) >= next_id]
+        orphans += [f.with_suffix(".safetensors") for f in segs.glob("*.json")
+                    if f.stem.isdigit() and int(f.stem) >= next_id and not f.with_suffix(".safetensors").exists()]
         if orphans:
             with kdb.db(self.path) as client:
                 coll = kdb.collection_name(self.meta)
@@ -290,49 +497,115 @@ class KnowledgeStore:
             for f in orphans:
                 f.unlink(missing_ok=True)
                 f.with_suffix(".json").unlink(missing_ok=True)
-        for folder in (self.path, self.path / "segments", self.path / "versions", self.path / "images"):
+        for f in (self.path / kversions.JOURNAL).glob("*.json"):
+            if f.stem.isdigit() and int(f.stem) > top:  # copied, never committed
+                f.unlink(missing_ok=True)
+        keep = {src.partition(":")[2] for src in self._s.sources if src.startswith("upload:")}
+        for f in (self.path / "images").glob("*.png"):  # written by edits that never committed
+            if f.stem not in keep:
+                f.unlink(missing_ok=True)
+        for folder in (self.path, segs, self.path / kversions.MANIFESTS, self.path / kversions.JOURNAL,
+                       self.path / "images"):
             if folder.is_dir():
-                store.sweep_stale_temps(folder)
+                store.sweep_stale_temps(folder, force=True)
 
-    def _write_version(self, op: str, detail: str, added: list[list[int]], removed: list[int], next_id: int,
-                       parent: int | None, undo_target: int | None, n_live: int) -> Version:
-        number = (self.head.number + 1) if self.head else 1
-        v = Version(number, parent, undo_target, op, detail, added, removed, next_id, n_live, time.time())
-        store.atomic_write_json(self.path / "versions" / f"{number:08d}.json", v.__dict__)
-        self.versions.append(v)
+    def _check_db(self) -> None:
+        """The database against the manifests: as many rows as ids were committed, and a sample
+        of keys equal to the segments'. A mismatch is an error that offers the repair."""
+        latest = self._latest()
+        n = latest.next_id if latest else 0
+        coll = kdb.collection_name(self.meta)
+        try:
+            with kdb.db(self.path) as client:
+                kdb.load(client, coll)
+                have = kdb.count_rows(client, coll, n)
+                probe = sorted({0, n // 3, n // 2, n - 1} & set(range(n)))
+                rows = client.query(coll, filter=f"id in [{','.join(map(str, probe))}]",
+                                    output_fields=["id", "key", "label"]) if probe else []
+        except CachevizError:
+            if kdb.is_server():
+                raise  # the server's own sentence (down, refused): not damage to this store
+            have, rows = None, []
+        except Exception as exc:  # Milvus Lite's files unreadable: damage, with the repair offered
+            if kdb.is_server():
+                raise
+            raise StoreDamaged(f"knowledge store {self.name}'s database (items.db) cannot be read "
+                               f"({type(exc).__name__}); nothing was changed", repair_hint(self.name)) from None
+        if have is None:
+            raise StoreDamaged(f"knowledge store {self.name}'s database (items.db) cannot be opened; nothing was changed",
+                               repair_hint(self.name))
+        if have != n:
+            raise StoreDamaged(f"knowledge store {self.name}'s database holds {have:,} of the {n:,} rows its versions "
+                               "name; nothing was changed", repair_hint(self.name) + " (it rebuilds the database from "
+                                                                                     "the key segments)")
+        got = {int(r["id"]): r for r in rows}
+        for i in probe:
+            r = got.get(i)
+            if (r is None or int(r["label"]) != int(self._s.labels[i])
+                    or not np.allclose(np.asarray(r["key"], np.float32), self._s.keys[i], atol=1e-5)):
+                raise StoreDamaged(f"knowledge store {self.name}'s database disagrees with its key segments at item {i}; "
+                                   "nothing was changed", repair_hint(self.name) + " (it rebuilds the database from "
+                                                                                   "the key segments)")
+
+    def _new_version(self, op: str, detail: str, parent: int | None, undo_target: int | None, added=(), removed=(),
+                     n_live: int = 0, branch: str | None = None) -> Version:
+        latest = self._latest()
+        end = max([latest.next_id if latest else 0, *(b for _, b in added)])
+        return Version((latest.number + 1) if latest else 1, parent, undo_target, op, detail,
+                       [list(map(int, r)) for r in added], [int(i) for i in removed], int(end), int(n_live),
+                       time.time(), branch or self.branch)
+
+    def _commit(self, v: Version) -> Version:
+        kversions.write(self.path, v)
+        self._sync(force=True)
         return v
+
+    @contextlib.contextmanager
+    def _editing(self) -> Iterator[None]:
+        """An edit: the lock, then everything others committed (keys included), then the checks
+        that must pass before anything is written."""
+        with self._edit_lock():
+            self._sync(force=True)
+            self.test_items()  # a damaged test file fails here, not after the commit (a retry would add twice)
+            yield
 
     # -- rows ------------------------------------------------------------------------------
 
     def refresh(self) -> "KnowledgeStore":
         """Take in versions another session or process committed since this object last looked."""
-        with self._lock:
-            self._load_versions()
-            if self.head is not None and self.head.next_id > len(self._keys):
-                self._load_segments(start=len(self._keys))
+        self._sync()
         return self
 
-    def _load_segments(self, start: int = 0) -> None:
-        next_id = self.head.next_id if self.head else 0
-        keys, labels, sources = [self._keys[:start]], [self._labels[:start]], list(self._sources[:start])
-        for f in sorted((self.path / "segments").glob("*.safetensors"), key=lambda f: int(f.stem)):
-            if not start <= int(f.stem) < next_id:
-                continue
-            got = store.load_tensors(f)
-            if got is None:
-                raise CachevizError(f"the store's key segment {f.name} is damaged",
-                                    "create the store again (`store create --name NEW`)")
+    def _load_segments(self, next_id: int) -> None:
+        s = self._s
+        start = len(s.keys)
+        if next_id < start:
+            raise self._damaged([f"its newest version names {next_id:,} items, fewer than the {start:,} already read"])
+        if next_id == start:
+            return
+        keys, labels, sources = [s.keys], [s.labels], list(s.sources)
+        at = start
+        segs = {int(f.stem): f for f in (self.path / "segments").glob("*.safetensors") if f.stem.isdigit()}
+        while at < next_id:
+            f = segs.get(at)
+            got = store.load_tensors(f) if f is not None else None
+            try:
+                srcs = json.loads(f.with_suffix(".json").read_text())["sources"] if got is not None else None
+            except (OSError, ValueError, KeyError):
+                srcs = None
+            if got is None or srcs is None or len(srcs) != len(got[0]["keys"]):
+                what = "missing" if f is None else "damaged"
+                raise self._damaged([f"the key segment of item {at} (segments/{at:012d}.*) is {what}"])
             keys.append(got[0]["keys"].numpy())
             labels.append(got[0]["labels"].numpy())
-            sources += json.loads((f.with_suffix(".json")).read_text())["sources"]
-        self._keys, self._labels = np.concatenate(keys), np.concatenate(labels)
-        self._sources = sources
-        if len(self._keys) != next_id:
-            raise CachevizError(f"the store holds {len(self._keys)} key rows but its head version names {next_id}",
-                                "create the store again (`store create --name NEW`)")
+            sources += srcs
+            at += len(got[0]["keys"])
+        if at != next_id:
+            raise self._damaged([f"its key segments hold {at:,} rows but its versions name {next_id:,}"])
+        s.keys, s.labels, s.sources = np.concatenate(keys), np.concatenate(labels), sources
 
     def _commit_rows(self, keys: np.ndarray, labels: np.ndarray, sources: list[str], task: int, op: str, detail: str,
-                     progress: Reporter | None = None) -> Version:
+                     progress: Reporter | None = None, blobs: dict[str, bytes] | None = None) -> Version:
         keys = np.ascontiguousarray(keys, dtype=np.float32)
         labels = np.asarray(labels, np.int64)
         if keys.ndim != 2 or keys.shape[1] != self.dim:
@@ -342,17 +615,23 @@ class KnowledgeStore:
             raise CachevizError(f"label {int(bad[0])} is not a class of this store",
                                 f"use 0 to {len(self.classes) - 1} ({', '.join(self.classes[:10])})",
                                 param="label", value=int(bad[0]))
-        with self._edit_lock():
-            self._load_versions()
-            first = self.head.next_id if self.head else 0
+        with self._editing():
+            latest, head = self._latest(), self._branch_head(self.branch)
+            first = latest.next_id if latest else 0
             n = len(keys)
+            n_live = (len(self.live_ids(head.number)) if head else 0) + n
+            v = self._new_version(op, detail, head.number if head else None, head.number if head else None,
+                                  added=[[first, first + n]], n_live=n_live)
+            for sha, data in (blobs or {}).items():  # under the lock: a sweep never meets them half-committed
+                target = self.path / "images" / f"{sha}.png"
+                if not target.exists():
+                    store.atomic_write_bytes(target, data)
             seg = self.path / "segments" / f"{first:012d}.safetensors"
-            seg.parent.mkdir(parents=True, exist_ok=True)
-            store.atomic_write_json(seg.with_suffix(".json"), {"sources": sources})
+            store.atomic_write_json(seg.with_suffix(".json"), {"sources": sources, "version": v.number, "task": int(task),
+                                                               "manifest": kversions.seal(v.to_json())})
             store.save_tensors(seg, {"keys": torch.from_numpy(keys), "labels": torch.from_numpy(labels)},
                                {"kind": "store-segment", "first": first, "n": n})
             coll = kdb.collection_name(self.meta)
-            number = (self.head.number + 1) if self.head else 1
             with kdb.db(self.path) as client:
                 kdb.load(client, coll)
                 for s in range(0, n, INSERT_BATCH):
@@ -360,29 +639,27 @@ class KnowledgeStore:
                     client.insert(coll, [{"id": first + i, "key": keys[i].tolist(), "label": int(labels[i]),
                                           "source": sources[i][:kdb.SOURCE_LEN],
                                           "class_name": self.classes[labels[i]][:kdb.NAME_LEN],
-                                          "task": int(task), "version": number} for i in range(s, e)])
+                                          "task": int(task), "version": v.number} for i in range(s, e)])
                     _crash_point("insert")
                     if progress:
                         progress.step(e, n, "rows")
                 client.flush(coll)
-            head = self.head
-            live_before = self.live_ids() if head else np.zeros(0, np.int64)
-            v = self._write_version(op, detail, [[first, first + n]], [], first + n,
-                                    head.number if head else None, head.number if head else None,
-                                    len(live_before) + n)
-            self._keys = np.concatenate([self._keys, keys])
-            self._labels = np.concatenate([self._labels, labels])
-            self._sources = self._sources + list(sources)
-            return v
+            _crash_point("commit")
+            return self._commit(v)
 
     # -- edits -----------------------------------------------------------------------------
 
     def workspace(self):
-        if self._ws is None:
+        """The store's network and data. Its weights must be the ones the store's keys came from:
+        a checkpoint replaced in place would make new keys that do not match the stored ones."""
+        if self._s.ws is None:
             from .workspace import prepare
 
-            self._ws = prepare(self.setup, self.data_dir, self.device)
-        return self._ws
+            ws = prepare(self.setup, self.data_dir, self.device)
+            if ws.spec.weights_id != self.meta["weights"]:
+                raise self._weights_error(ws.spec.weights_id)
+            self._s.ws = ws
+        return self._s.ws
 
     def keys_of(self, images: torch.Tensor | np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and p_net of uint8 images (N, H, W, C), exactly as the stored keys were made."""
@@ -404,28 +681,30 @@ class KnowledgeStore:
             raise CachevizError("there are no images to add", "upload at least one image")
         if len(labels) != len(images):
             raise CachevizError(f"{len(images)} images but {len(labels)} labels", "give one label per image")
+        labels = [int(y) for y in labels]
+        bad = [y for y in labels if not 0 <= y < len(self.classes)]
+        if bad:  # before the network runs on every image
+            raise CachevizError(f"label {bad[0]} is not a class of this store",
+                                f"use 0 to {len(self.classes) - 1} ({', '.join(self.classes[:10])})",
+                                param="label", value=bad[0])
         keys = []
         for img in images:  # one at a time: uploads differ in size
             keys.append(self.keys_of(img)[0].float().cpu().numpy())
-        sources = []
+        sources, blobs = [], {}
         for img in images:
             buf = io.BytesIO()
             arr = np.asarray(img, np.uint8)
             Image.fromarray(arr[..., 0] if arr.ndim == 3 and arr.shape[-1] == 1 else arr).save(buf, format="PNG")
             data = buf.getvalue()
             sha = hashlib.sha256(data).hexdigest()[:20]
-            target = self.path / "images" / f"{sha}.png"
-            if not target.exists():
-                target.parent.mkdir(parents=True, exist_ok=True)
-                store.atomic_write_bytes(target, data)
+            blobs[sha] = data
             sources.append(f"upload:{sha}")
-        labels = [int(y) for y in labels]
         names = list(names or [])
         what = detail or (f"{len(images)} image{'s' if len(images) != 1 else ''} labelled "
-                          + ", ".join(sorted({self.classes[y] for y in labels if 0 <= y < len(self.classes)})))
+                          + ", ".join(sorted({self.classes[y] for y in labels})))
         if names:
             what += f" ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
-        return self._commit_rows(np.concatenate(keys), np.asarray(labels), sources, task, "add", what)
+        return self._commit_rows(np.concatenate(keys), np.asarray(labels), sources, task, "add", what, blobs=blobs)
 
     def add_folder(self, folder: str | os.PathLike, label: int, task: int = 0) -> Version:
         """Every image file in `folder` (not recursive), labelled `label`."""
@@ -450,92 +729,132 @@ class KnowledgeStore:
                                detail=f"{len(images)} images of {self.classes[label] if 0 <= label < len(self.classes) else label} "
                                       f"from {folder.name}" + (f" ({len(skipped)} unreadable skipped)" if skipped else ""))
 
+    def _remove_locked(self, ids: np.ndarray, detail: str) -> Version:
+        h = self._branch_head(self.branch)
+        live = self.live_ids(h.number)
+        gone = np.setdiff1d(ids, live)
+        if len(gone):
+            raise CachevizError(f"item {int(gone[0])} is not in the store's current version",
+                                "list the items with `store list --items`", param="ids", value=int(gone[0]))
+        if not len(ids):
+            raise CachevizError("nothing to remove", "name items or a class")
+        return self._commit(self._new_version("remove", detail, h.number, h.number, removed=ids.tolist(),
+                                              n_live=len(live) - len(ids)))
+
     def remove(self, ids: Sequence[int], detail: str | None = None) -> Version:
         ids = np.unique(np.asarray(list(ids), np.int64))
-        with self._edit_lock():
-            self._load_versions()
-            live = self.live_ids()
-            gone = np.setdiff1d(ids, live)
-            if len(gone):
-                raise CachevizError(f"item {int(gone[0])} is not in the store's current version",
-                                    "list the items with `store list --items`", param="ids", value=int(gone[0]))
-            if not len(ids):
-                raise CachevizError("nothing to remove", "name items or a class")
-            h = self.head
-            return self._write_version("remove", detail or f"{len(ids)} items", [], ids.tolist(), h.next_id,
-                                       h.number, h.number, len(live) - len(ids))
+        with self._editing():
+            return self._remove_locked(ids, detail or f"{len(ids)} items")
 
     def remove_class(self, label: int) -> Version:
         if not 0 <= int(label) < len(self.classes):
             raise CachevizError(f"{label} is not a class of this store",
                                 f"use 0 to {len(self.classes) - 1} ({', '.join(self.classes[:10])})",
                                 param="label", value=label)
-        live = self.live_ids()
-        ids = live[self._labels[live] == int(label)]
-        if not len(ids):
-            raise CachevizError(f"the store holds no item of class {self.classes[label]} now", "undo the edit that removed them")
-        return self.remove(ids, detail=f"class {self.classes[label]} ({len(ids)} items)")
+        with self._editing():  # the class's items as of the newest commit, not as this object last saw them
+            live = self.live_ids()
+            ids = live[self._s.labels[live] == int(label)]
+            if not len(ids):
+                raise CachevizError(f"the store holds no item of class {self.classes[label]} now",
+                                    "undo the edit that removed them")
+            return self._remove_locked(ids, f"class {self.classes[label]} ({len(ids)} items)")
 
     def undo(self) -> Version:
         """A new version equal to the one before the head's edit."""
-        with self._edit_lock():
-            self._load_versions()
-            h = self.head
+        with self._editing():
+            h = self._branch_head(self.branch)
             if h is None or h.undo_target is None:
                 raise CachevizError("there is no edit to undo", "edit the store first")
-            target = self.version(h.undo_target)
-            return self._write_version("undo", f"back to version {target.number} (undid: {h.op} {h.detail})", [], [],
-                                       h.next_id, target.number, target.undo_target, len(self.live_ids(target.number)))
+            target = self._s.versions[h.undo_target]
+            return self._commit(self._new_version("undo", f"back to version {target.number} (undid: {h.op} {h.detail})",
+                                                  target.number, target.undo_target,
+                                                  n_live=len(self.live_ids(target.number))))
+
+    def publish(self, branch: str) -> Version:
+        """Make branch `branch`'s head everyone's: a new main version with its live set."""
+        kversions.check_branch(branch)
+        with self._editing():
+            bh, main = self._branch_head(branch), self._branch_head(MAIN)
+            if bh is None or bh.branch != branch:
+                raise CachevizError(f"branch {branch} has no edit to publish", "edit on that branch first",
+                                    param="branch", value=branch)
+            return self._commit(self._new_version("publish", f"{branch}: {bh.op} {bh.detail}", bh.number,
+                                                  main.number if main else None,
+                                                  n_live=len(self.live_ids(bh.number)), branch=MAIN))
+
+    def reset_branch(self, branch: str | None = None) -> Version:
+        """Branch `branch` (default: this view's) back to main's head: one more version on it."""
+        branch = kversions.check_branch(branch or self.branch)
+        if branch == MAIN:
+            raise CachevizError("main is everyone's store; it has nothing to go back to", "undo an edit instead")
+        with self._editing():
+            bh, main = self._branch_head(branch), self._branch_head(MAIN)
+            return self._commit(self._new_version("reset", f"back to everyone's version {main.number}", main.number,
+                                                  bh.number if bh else None, n_live=len(self.live_ids(main.number)),
+                                                  branch=branch))
 
     # -- search ----------------------------------------------------------------------------
 
     def _faiss_index(self):
         import faiss
 
-        with self._lock:
-            n = len(self._keys)
-            if self._index is None or (self._index_kind == "exact") != (n * self.dim <= EXACT_MAX_FLOATS):
-                self._index_kind = "exact" if n * self.dim <= EXACT_MAX_FLOATS else "hnsw"
-                self._index = (faiss.IndexFlatIP(self.dim) if self._index_kind == "exact"
-                               else faiss.IndexHNSWFlat(self.dim, HNSW_M, faiss.METRIC_INNER_PRODUCT))
-                self._index_rows = 0
-                if self._index_kind == "hnsw":
-                    self._index.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
+        s = self._s
+        with s.lock:
+            self._sync()
+            n = len(s.keys)
+            if s.index is None or (s.index_kind == "exact") != (n * self.dim <= EXACT_MAX_FLOATS):
+                s.index_kind = "exact" if n * self.dim <= EXACT_MAX_FLOATS else "hnsw"
+                s.index = (faiss.IndexFlatIP(self.dim) if s.index_kind == "exact"
+                           else faiss.IndexHNSWFlat(self.dim, HNSW_M, faiss.METRIC_INNER_PRODUCT))
+                s.index_rows = 0
+                if s.index_kind == "hnsw":
+                    s.index.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
                     self._read_hnsw()
-            if self._index_rows < n:  # rows are append-only: an edit only adds to the index
-                fresh = self._index_rows == 0
-                self._index.add(self._keys[self._index_rows:n])
-                self._index_rows = n
-                if fresh and self._index_kind == "hnsw":
+            if s.index_rows < n:  # rows are append-only: an edit only adds to the index
+                fresh = s.index_rows == 0
+                s.index.add(s.keys[s.index_rows:n])
+                s.index_rows = n
+                if fresh and s.index_kind == "hnsw" and self._writable:
                     self._write_hnsw()
-            return self._index
+            return s.index
 
     def _read_hnsw(self) -> None:
         """The HNSW graph saved by an earlier process (building it takes a minute for CIFAR-10's
-        50,000 x 4,096 keys here); rows added since are added to it."""
+        50,000 x 4,096 keys here), if its checksum holds; rows added since are added to it."""
         import faiss
 
-        meta = store.load_json(self.path / "hnsw.json")
+        s = self._s
         f = self.path / "hnsw.faiss"
-        if not meta or not f.exists() or meta.get("rows", 0) > len(self._keys) or meta.get("dim") != self.dim:
+        try:
+            meta = kversions.unseal(self.path / "hnsw.json")
+        except (OSError, ValueError):
+            return
+        if not f.exists() or meta.get("rows", 0) > len(s.keys) or meta.get("dim") != self.dim:
+            return
+        if store.file_sha256(f) != meta.get("file_sha256"):
+            warnings.warn("hnsw.faiss is damaged (its checksum does not match); the search graph is built again.",
+                          stacklevel=3)
             return
         try:
-            self._index = faiss.read_index(str(f))
-            self._index_rows = int(meta["rows"])
-        except RuntimeError:  # damaged: build again
-            self._index = faiss.IndexHNSWFlat(self.dim, HNSW_M, faiss.METRIC_INNER_PRODUCT)
-            self._index.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
+            s.index = faiss.read_index(str(f))
+            s.index_rows = int(meta["rows"])
+        except RuntimeError:
+            s.index = faiss.IndexHNSWFlat(self.dim, HNSW_M, faiss.METRIC_INNER_PRODUCT)
+            s.index.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
 
     def _write_hnsw(self) -> None:
         import faiss
 
-        store.atomic_write_with(self.path / "hnsw.faiss", lambda tmp: faiss.write_index(self._index, tmp))
-        store.atomic_write_json(self.path / "hnsw.json", {"rows": self._index_rows, "dim": self.dim})
+        s = self._s
+        f = self.path / "hnsw.faiss"
+        store.atomic_write_with(f, lambda tmp: faiss.write_index(s.index, tmp))
+        store.atomic_write_json(self.path / "hnsw.json", kversions.seal(
+            {"rows": s.index_rows, "dim": self.dim, "file_sha256": store.file_sha256(f)}))
 
     @property
     def index_kind(self) -> str:
         self._faiss_index()
-        return self._index_kind
+        return self._s.index_kind
 
     def search(self, q: np.ndarray | torch.Tensor, k: int = DEFAULT_K, version: int | None = None,
                engine: str = "faiss") -> tuple[np.ndarray, np.ndarray]:
@@ -546,8 +865,10 @@ class KnowledgeStore:
         q = q[None] if q.ndim == 1 else q
         if q.shape[1] != self.dim:
             raise CachevizError(f"queries of width {q.shape[1]} do not fit this store's {self.dim}")
-        if not isinstance(k, int) or k < 1:
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
             raise CachevizError("k counts retrieved items", "give a whole number from 1", param="k", value=k)
+        k = int(k)
+        index = self._faiss_index()  # first: it takes in others' commits, so `live` and the rows agree
         live = self.live_ids(version)
         k_eff = min(k, len(live))
         if k_eff == 0:
@@ -556,15 +877,15 @@ class KnowledgeStore:
             return self._search_db(q, k, live)
         if engine != "faiss":
             raise CachevizError(f"unknown search engine {engine!r}", "use faiss or db", param="engine", value=engine)
-        index = self._faiss_index()
-        sel = None if len(live) == len(self._keys) else faiss.IDSelectorBatch(live)
-        if self._index_kind == "hnsw":
-            params = faiss.SearchParametersHNSW(efSearch=max(HNSW_EF_SEARCH, k_eff))
-            if sel is not None:
-                params.sel = sel
-        else:
-            params = faiss.SearchParameters(sel=sel) if sel is not None else None
-        with self._lock:  # FAISS indexes are not safe to search while another thread adds to them
+        s = self._s
+        with s.lock:  # FAISS indexes are not safe to search while another thread adds to them
+            sel = None if len(live) == s.index_rows else faiss.IDSelectorBatch(live)
+            if s.index_kind == "hnsw":
+                params = faiss.SearchParametersHNSW(efSearch=max(HNSW_EF_SEARCH, k_eff))
+                if sel is not None:
+                    params.sel = sel
+            else:
+                params = faiss.SearchParameters(sel=sel) if sel is not None else None
             # One query runs on one thread: FAISS's OpenMP workers, left spinning after a search,
             # otherwise starve torch's own (a separate OpenMP runtime) in the next network pass:
             # measured here, upload -> top-k 600 ms with 2 FAISS threads, 7 ms with 1.
@@ -577,7 +898,7 @@ class KnowledgeStore:
 
     def _search_db(self, q: np.ndarray, k: int, live: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The database's own search over the live set: rows past it, or dropped from it, filtered out."""
-        n = self.head.next_id
+        n = self._latest().next_id
         dead = np.setdiff1d(np.arange(n, dtype=np.int64), live, assume_unique=True)
         expr = f"id < {n}" + (f" and id not in [{','.join(map(str, dead.tolist()))}]" if len(dead) else "")
         coll = kdb.collection_name(self.meta)
@@ -598,8 +919,9 @@ class KnowledgeStore:
 
     def p_mem_of(self, d: np.ndarray, ids: np.ndarray, theta: float | None = None) -> torch.Tensor:
         """p_mem (N, C) from a search's (similarities, ids); padding (id -1) carries no weight."""
+        labels_all = self._s.labels
         sims = torch.from_numpy(np.where(ids >= 0, d, -1e4).astype(np.float32))
-        labels = torch.from_numpy(self._labels[np.clip(ids, 0, None)] if len(self._labels) else np.zeros_like(ids))
+        labels = torch.from_numpy(labels_all[np.clip(ids, 0, None)] if len(labels_all) else np.zeros_like(ids))
         p = p_mem_from_topk(sims, labels, self.theta if theta is None else theta, len(self.classes))
         empty = torch.from_numpy((ids < 0).all(1))
         p[empty] = 1.0 / len(self.classes)  # an empty store knows nothing: no class gets its vote
@@ -608,21 +930,25 @@ class KnowledgeStore:
     def p_mem_exact(self, q, theta: float | None = None, version: int | None = None) -> torch.Tensor:
         """The full-softmax p_mem over every live item (the engine's torch path; small stores)."""
         live = self.live_ids(version)
-        mem = CacheMemory(torch.from_numpy(self._keys[live]), torch.from_numpy(self._labels[live]), len(self.classes))
+        mem = CacheMemory(torch.from_numpy(self._s.keys[live]), torch.from_numpy(self._s.labels[live]),
+                          len(self.classes))
         q = torch.as_tensor(np.asarray(q, np.float32))
         return mem.p_mem(q[None] if q.ndim == 1 else q, self.theta if theta is None else theta).cpu()
 
     # -- what an edit changed --------------------------------------------------------------
 
     def test_items(self) -> dict[str, torch.Tensor]:
-        got = store.load_tensors(self.path / "test.safetensors")
+        f = self.path / "test.safetensors"
+        got = store.load_tensors(f)
         if got is None:
-            raise CachevizError("the store's test items are missing", "create the store again (`store create --name NEW`)")
+            raise StoreDamaged(f"knowledge store {self.name}'s test items (test.safetensors) are "
+                               f"{'missing' if not f.exists() else 'damaged'}; nothing was changed",
+                               "create a new store with `store create --name NEW`")
         return got[0]
 
     def evaluate(self, version: int | None = None, k: int = DEFAULT_K) -> Evaluation:
         v = self.version(version).number
-        got = self._evals.get((v, k))
+        got = self._s.evals.get((v, k))
         if got is None:
             t = self.test_items()
             p_net = t["p_net"].float()
@@ -634,33 +960,313 @@ class KnowledgeStore:
             p_cache = (1 - self.lam) * p_net + self.lam * p_mem
             pred_co = np.where(empty, -1, p_co.argmax(1).numpy())
             got = Evaluation(v, t["y"].numpy(), pred_net, p_cache.argmax(1).numpy(), pred_co, t["test_idx"].numpy())
-            self._evals[(v, k)] = got
+            self._s.evals[(v, k)] = got
         return got
 
     # -- reading items ---------------------------------------------------------------------
 
     def item(self, i: int) -> dict:
-        return {"id": int(i), "label": int(self._labels[i]), "class": self.classes[int(self._labels[i])],
-                "source": self._sources[i]}
+        labels = self._s.labels
+        return {"id": int(i), "label": int(labels[i]), "class": self.classes[int(labels[i])],
+                "source": self._s.sources[i]}
 
     def image(self, i: int) -> np.ndarray:
         """The stored item's image: the training image it came from, or the uploaded PNG."""
-        src = self._sources[i]
+        src = self._s.sources[i]
         kind, _, ref = src.partition(":")
         if kind == "train":
             return self.workspace().ds.train_x[int(ref)].numpy()
         if kind == "upload":
             from PIL import Image
 
-            return np.asarray(Image.open(self.path / "images" / f"{ref}.png").convert("RGB"))
+            try:
+                return np.asarray(Image.open(self.path / "images" / f"{ref}.png").convert("RGB"))
+            except (OSError, ValueError):
+                raise CachevizError(f"item {i}'s image (images/{ref}.png) is missing or damaged",
+                                    "its key is intact; only its picture is lost") from None
         raise CachevizError(f"item {i} has no image ({src})")
 
     def class_counts(self, version: int | None = None) -> np.ndarray:
-        return np.bincount(self._labels[self.live_ids(version)], minlength=len(self.classes))
+        return np.bincount(self._s.labels[self.live_ids(version)], minlength=len(self.classes))
 
     def summary(self) -> list[dict]:
         return [{"version": v.number, "op": v.op, "detail": v.detail, "items": v.n_live, "parent": v.parent,
+                 "branch": v.branch,
                  "created": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(v.created))} for v in self.versions]
+
+
+# ---------------------------------------------------------------------------------------------
+# Names, unfinished creates, repair
+
+
+def check_name(name: str) -> str:
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
+        raise CachevizError("a store's name starts with a letter or digit and uses letters, digits, '.', '_' and '-'",
+                            param="store", value=name)
+    return name
+
+
+def list_stores(data_dir) -> list[str]:
+    return sorted(d.name for d in stores_dir(data_dir).glob("*")
+                  if NAME_RE.fullmatch(d.name) and (d / "meta.json").exists())
+
+
+def _discard(folder: Path) -> None:
+    """Remove a create's hidden folder, and its collection on a server (never committed)."""
+    if kdb.is_server():
+        try:
+            meta = read_meta(folder)
+            with kdb.db(folder) as client:
+                if client.has_collection(meta["collection"]):
+                    client.drop_collection(meta["collection"])
+        except Exception:  # noqa: BLE001 - best effort: an unreachable server keeps an unused collection
+            pass
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def sweep_unfinished(root: Path) -> list[str]:
+    """The hidden folders of creates whose process is gone (killed, or the disk filled)."""
+    gone = []
+    for d in Path(root).glob(".creating-*"):
+        parts = d.name.split(".")
+        pid = int(parts[-2]) if len(parts) >= 3 and parts[-2].isdigit() else None
+        if pid is not None and pid != os.getpid() and not store._pid_alive(pid):
+            _discard(d)
+            gone.append(d.name)
+    return gone
+
+
+
+@contextlib.contextmanager
+def _dir_lock(path: Path) -> Iterator[None]:
+    with open(path / "lock", "a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _segment_files(path: Path) -> dict[int, Path]:
+    return {int(f.stem): f for f in (path / "segments").glob("*.safetensors") if f.stem.isdigit()}
+
+
+def _segment_info(f: Path) -> dict:
+    try:
+        d = json.loads(f.with_suffix(".json").read_text())
+        return d if isinstance(d, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def repair(name_or_path: str | os.PathLike, data_dir: str | os.PathLike, accept_loss: bool = False,
+           progress: Reporter | None = None) -> list[str]:
+    """Bring a damaged store back from the copies it keeps; one sentence per thing done.
+
+    meta.json and every manifest come back from their copies in journal/ (an add's manifest
+    also from its key segment); head.json is rewritten from the manifests; a key segment from
+    the database; the database from the key segments (the damaged one is kept aside, never
+    deleted); a damaged search graph is dropped (it is rebuilt on use). A version none of whose
+    copies survives is replaced — only with `accept_loss` — by a version equal to the one
+    before it, so later edits never reuse its ids."""
+    rep = progress or Silent()
+    p = Path(name_or_path)
+    if not p.is_dir() or not ((p / "meta.json").exists() or (p / kversions.JOURNAL / "meta.json").exists()):
+        p = stores_dir(data_dir) / str(name_or_path)
+    if not NAME_RE.fullmatch(p.name) or not p.is_dir():
+        have = list_stores(data_dir)
+        raise CachevizError(f"there is no knowledge store {str(name_or_path)!r}",
+                            f"use one of {', '.join(have)}" if have else "create one with `store create`",
+                            param="store", value=str(name_or_path))
+    if not os.access(p, os.W_OK | os.X_OK):
+        raise CachevizError(f"knowledge store {p.name} is in a read-only folder, so it cannot be repaired",
+                            "copy it to a data directory you can write to")
+    done: list[str] = []
+    with _dir_lock(p):
+        rep.stage("check")
+        # meta.json
+        try:
+            meta = read_meta(p)
+        except StoreDamaged:
+            if not kversions.restore_file(p / kversions.JOURNAL / "meta.json", p / "meta.json"):
+                raise CachevizError(f"knowledge store {p.name}'s meta.json and its copy are both damaged",
+                                    "create a new store with `store create --name NEW`") from None
+            meta = read_meta(p)
+            done.append("meta.json restored from its copy in journal/")
+        try:
+            kversions.unseal(p / kversions.JOURNAL / "meta.json")
+        except (OSError, ValueError):
+            if meta.get("format", 1) >= FORMAT:
+                store.atomic_write_json(p / kversions.JOURNAL / "meta.json", kversions.seal(meta))
+                done.append("meta.json's copy in journal/ written again")
+        # manifests
+        r = kversions.read(p)
+        segs = _segment_files(p)
+        lost = []
+        for n in r.damaged:
+            if kversions.restore(p, n):
+                done.append(f"version {n}'s manifest restored from its copy in journal/")
+                continue
+            from_seg = None
+            for f in segs.values():
+                info = _segment_info(f)
+                if info.get("version") == n and isinstance(info.get("manifest"), dict):
+                    body = info["manifest"]
+                    if kversions.digest({k: v for k, v in body.items() if k != "sha256"}) == body.get("sha256"):
+                        from_seg = body
+            if from_seg is not None:
+                store.atomic_write_json(kversions.manifest_path(p, n, kversions.JOURNAL), from_seg)
+                store.atomic_write_json(kversions.manifest_path(p, n), from_seg)
+                done.append(f"version {n}'s manifest restored from its key segment")
+                continue
+            lost.append(n)
+        if lost:
+            if not accept_loss:
+                raise CachevizError(
+                    f"knowledge store {p.name}: the manifest of version {', '.join(map(str, lost))} and every copy of "
+                    "it are gone", "run `store repair --accept-loss` to replace each with a version equal to the one "
+                    "before it (no item is deleted)")
+            for n in lost:
+                r = kversions.read(p)
+                prev = r.versions.get(n - 1)
+                if prev is None:
+                    raise CachevizError(f"version {n} cannot be replaced: the version before it is gone too",
+                                        "create a new store with `store create --name NEW`")
+                ends = [prev.next_id] + [first + len(_segment_info(f).get("sources", [])) for first, f in segs.items()
+                         if _segment_info(f).get("version") == n]
+                v = Version(n, prev.number, prev.undo_target, "repair",
+                            f"version {n}'s manifest was lost; this version equals version {prev.number}", [], [],
+                            max(ends), prev.n_live, time.time(), MAIN)
+                body = kversions.seal(v.to_json())
+                store.atomic_write_json(kversions.manifest_path(p, n, kversions.JOURNAL), body)
+                store.atomic_write_json(kversions.manifest_path(p, n), body)
+                done.append(f"version {n} was lost: replaced by a version equal to version {prev.number}")
+        for f in (p / kversions.MANIFESTS).glob("*.json"):  # a good manifest whose copy is gone
+            c = kversions.manifest_path(p, int(f.stem), kversions.JOURNAL) if f.stem.isdigit() else None
+            if c is not None and not kversions.restore_file(c, c, check_only=True):
+                try:
+                    kversions.unseal(f)
+                    store.atomic_write_bytes(c, f.read_bytes())
+                except ValueError:
+                    pass
+        r = kversions.read(p)
+        if r.problems and not r.damaged or (r.head is None and r.latest is not None):
+            kversions.write_head(p, r.latest)
+            done.append(f"head.json written again (newest version {r.latest.number})")
+            r = kversions.read(p)
+        if r.problems:
+            raise CachevizError(f"knowledge store {p.name} is still damaged: {r.problems[0]}",
+                                "create a new store with `store create --name NEW`")
+        versions = r.versions
+        # key segments, from the database
+        coll = kdb.collection_name(meta)
+        ranges = sorted({(a, b, v.number) for v in versions.values() for a, b in v.added})
+        for a, b, number in ranges:
+            f = segs.get(a)
+            if f is not None and store.load_tensors(f) is not None and _segment_info(f).get("sources") is not None:
+                continue
+            with kdb.db(p) as client:
+                kdb.load(client, coll)
+                rows = []
+                for s in range(a, b, INSERT_BATCH):
+                    rows += client.query(coll, filter=f"id >= {s} and id < {min(b, s + INSERT_BATCH)}",
+                                         output_fields=["id", "key", "label", "source", "task"])
+            rows.sort(key=lambda x: int(x["id"]))
+            if [int(x["id"]) for x in rows] != list(range(a, b)):
+                raise CachevizError(f"knowledge store {p.name}: the key segment of items {a} to {b - 1} is damaged and "
+                                    "the database does not hold all of them", "create a new store with `store create "
+                                                                              "--name NEW`")
+            seg = p / "segments" / f"{a:012d}.safetensors"
+            store.atomic_write_json(seg.with_suffix(".json"), {"sources": [x["source"] for x in rows], "version": number,
+                                                               "task": int(rows[0]["task"]) if rows else 0})
+            store.save_tensors(seg, {"keys": torch.tensor(np.asarray([x["key"] for x in rows], np.float32)),
+                                     "labels": torch.tensor([int(x["label"]) for x in rows], dtype=torch.int64)},
+                               {"kind": "store-segment", "first": a, "n": b - a})
+            done.append(f"the key segment of items {a} to {b - 1} rebuilt from the database")
+        # the database, from the key segments
+        ks = None
+        try:
+            ks = KnowledgeStore.__new__(KnowledgeStore)
+            _init_unlocked(ks, p, Path(data_dir))
+            ks._check_db()
+        except StoreDamaged as exc:
+            rep.stage("rebuild the database")
+            what = _rebuild_db(ks, meta)
+            done.append(f"the database rebuilt from the key segments ({exc.problem.split(': ', 1)[-1]}); {what}")
+        # the search graph: derived, so dropped when damaged
+        hj, hf = p / "hnsw.json", p / "hnsw.faiss"
+        if hf.exists() or hj.exists():
+            try:
+                hm = kversions.unseal(hj)
+                ok = hf.exists() and store.file_sha256(hf) == hm.get("file_sha256")
+            except (OSError, ValueError):
+                ok = False
+            if not ok:
+                hf.unlink(missing_ok=True)
+                hj.unlink(missing_ok=True)
+                done.append("the damaged search graph (hnsw.faiss) dropped; it is built again on the next search")
+        if store.load_tensors(p / "test.safetensors") is None:
+            done.append("test.safetensors (the test items edits are judged on) is damaged and cannot be rebuilt: "
+                        "queries and edits work, but a new store (`store create --name NEW`) is needed to judge them")
+    KnowledgeStore(p, Path(data_dir))  # opens clean, or says what is still wrong
+    return done or ["nothing was wrong"]
+
+
+def _init_unlocked(ks: "KnowledgeStore", p: Path, data_dir: Path) -> None:
+    """A store object over `p` for repair, without the open-time checks (repair holds the lock)."""
+    ks.path, ks.data_dir, ks.device, ks.branch = p, data_dir, "cpu", MAIN
+    ks.meta = read_meta(p)
+    ks.name = p.name
+    ks.setup = Setup(**ks.meta["setup"])
+    ks.layers, ks.classes, ks.dim = ks.meta["layers"], ks.meta["classes"], ks.meta["dim"]
+    ks.theta, ks.lam, ks.theta_cache_only = ks.meta["theta"], ks.meta["lam"], ks.meta["theta_cache_only"]
+    ks._s = _Shared(ks.dim)
+    ks._lock = ks._s.lock
+    ks._creating, ks._writable = False, True
+    ks._sync(force=True)
+
+
+def _rebuild_db(ks: "KnowledgeStore", meta: dict) -> str:
+    """Every committed row again, from the key segments, into a fresh database or collection."""
+    p = ks.path
+    n = ks._latest().next_id if ks._latest() else 0
+    version_of = {}
+    for v in ks._s.versions.values():
+        for a, b in v.added:
+            version_of[a] = v.number
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    if kdb.is_server():
+        coll = f"{kdb.collection_name(meta)[:180]}_r{stamp.replace('-', '_')}"
+        new_meta = kversions.seal({**meta, "collection": coll})
+        kept = f"the damaged collection {kdb.collection_name(meta)} is left on the server"
+    else:
+        coll = kdb.collection_name(meta)
+        aside = p / f"items.db.damaged-{stamp}"
+        if (p / "items.db").exists():
+            os.replace(p / "items.db", aside)
+        new_meta = None
+        kept = f"the damaged one is kept as {aside.name}"
+    with kdb.db(p) as client:
+        kdb.make_collection(client, coll, ks.dim)
+        for first, f in sorted(_segment_files(p).items()):
+            if first >= n:
+                continue
+            info = _segment_info(f)
+            keys, labels = ks._s.keys, ks._s.labels
+            m = len(info.get("sources", []))
+            for s in range(first, first + m, INSERT_BATCH):
+                e = min(first + m, s + INSERT_BATCH)
+                client.insert(coll, [{"id": i, "key": keys[i].tolist(), "label": int(labels[i]),
+                                      "source": ks._s.sources[i][:kdb.SOURCE_LEN],
+                                      "class_name": ks.classes[int(labels[i])][:kdb.NAME_LEN],
+                                      "task": int(info.get("task", 0)), "version": int(info.get("version",
+                                                                                                 version_of.get(first, 0)))}
+                                     for i in range(s, e)])
+        client.flush(coll)
+    if new_meta is not None:
+        store.atomic_write_json(p / kversions.JOURNAL / "meta.json", new_meta)
+        store.atomic_write_json(p / "meta.json", new_meta)
+    return kept
 
 
 def _crash_point(where: str) -> None:
@@ -679,5 +1285,5 @@ def open_or_create(setup: Setup, data_dir, device="cpu", progress: Reporter | No
     return KnowledgeStore.create(setup, data_dir, device, progress=progress)
 
 
-__all__ = ["KnowledgeStore", "Version", "Evaluation", "changed", "open_or_create", "store_name", "stores_dir",
+__all__ = ["KnowledgeStore", "Version", "StoreDamaged", "StoreUnfinished", "list_stores", "check_name", "repair", "Evaluation", "changed", "open_or_create", "store_name", "stores_dir",
            "DEFAULT_K"]
