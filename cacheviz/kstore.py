@@ -33,7 +33,6 @@ misread test images; with k = 10 the image alone corrected 4 of the 5 and broke 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import io
 import json
@@ -220,9 +219,26 @@ class KnowledgeStore:
             with self._edit_lock():
                 self._sync(force=True)
                 self._sweep()
-                self._check_db()
+                self.check_db()
         else:  # a read-only copy: readable as it is, never swept or edited
             self._sync(force=True)
+
+    @classmethod
+    def for_repair(cls, p: Path, data_dir: Path) -> "KnowledgeStore":
+        """A store object over `p` without the open-time sweep and database check: `krepair`
+        holds the lock and checks the database itself (`check_db`)."""
+        ks = cls.__new__(cls)
+        ks.path, ks.data_dir, ks.device, ks.branch = p, data_dir, "cpu", MAIN
+        ks.meta = read_meta(p)
+        ks.name = p.name
+        ks.setup = Setup(**ks.meta["setup"])
+        ks.layers, ks.classes, ks.dim = ks.meta["layers"], ks.meta["classes"], ks.meta["dim"]
+        ks.theta, ks.lam, ks.theta_cache_only = ks.meta["theta"], ks.meta["lam"], ks.meta["theta_cache_only"]
+        ks._s = _Shared(ks.dim)
+        ks._lock = ks._s.lock
+        ks._creating, ks._writable = False, True
+        ks._sync(force=True)
+        return ks
 
     # -- shared state, as the attributes the rest of the code reads ------------------------
 
@@ -360,7 +376,7 @@ class KnowledgeStore:
             raise CachevizError(f"knowledge store {self.name} is in a read-only folder, so it cannot be edited",
                                 "copy it to a data directory you can write to")
         with self._lock:
-            with _dir_lock(self.path):
+            with kversions.dir_lock(self.path):
                 yield
 
     def _damaged(self, problems: list[str]) -> StoreDamaged:
@@ -511,7 +527,7 @@ class KnowledgeStore:
             if folder.is_dir():
                 store.sweep_stale_temps(folder, force=True)
 
-    def _check_db(self) -> None:
+    def check_db(self) -> None:
         """The database against the manifests: as many rows as ids were committed, and a sample
         of keys equal to the segments'. A mismatch is an error that offers the repair."""
         latest = self._latest()
@@ -1028,250 +1044,27 @@ def _discard(folder: Path) -> None:
     shutil.rmtree(folder, ignore_errors=True)
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
 def sweep_unfinished(root: Path) -> list[str]:
     """The hidden folders of creates whose process is gone (killed, or the disk filled)."""
     gone = []
     for d in Path(root).glob(".creating-*"):
         parts = d.name.split(".")
         pid = int(parts[-2]) if len(parts) >= 3 and parts[-2].isdigit() else None
-        if pid is not None and pid != os.getpid() and not store._pid_alive(pid):
+        if pid is not None and pid != os.getpid() and not _pid_alive(pid):
             _discard(d)
             gone.append(d.name)
     return gone
 
-
-
-@contextlib.contextmanager
-def _dir_lock(path: Path) -> Iterator[None]:
-    with open(path / "lock", "a+") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
-def _segment_files(path: Path) -> dict[int, Path]:
-    return {int(f.stem): f for f in (path / "segments").glob("*.safetensors") if f.stem.isdigit()}
-
-
-def _segment_info(f: Path) -> dict:
-    try:
-        d = json.loads(f.with_suffix(".json").read_text())
-        return d if isinstance(d, dict) else {}
-    except (OSError, ValueError):
-        return {}
-
-
-def repair(name_or_path: str | os.PathLike, data_dir: str | os.PathLike, accept_loss: bool = False,
-           progress: Reporter | None = None) -> list[str]:
-    """Bring a damaged store back from the copies it keeps; one sentence per thing done.
-
-    meta.json and every manifest come back from their copies in journal/ (an add's manifest
-    also from its key segment); head.json is rewritten from the manifests; a key segment from
-    the database; the database from the key segments (the damaged one is kept aside, never
-    deleted); a damaged search graph is dropped (it is rebuilt on use). A version none of whose
-    copies survives is replaced — only with `accept_loss` — by a version equal to the one
-    before it, so later edits never reuse its ids."""
-    rep = progress or Silent()
-    p = Path(name_or_path)
-    if not p.is_dir() or not ((p / "meta.json").exists() or (p / kversions.JOURNAL / "meta.json").exists()):
-        p = stores_dir(data_dir) / str(name_or_path)
-    if not NAME_RE.fullmatch(p.name) or not p.is_dir():
-        have = list_stores(data_dir)
-        raise CachevizError(f"there is no knowledge store {str(name_or_path)!r}",
-                            f"use one of {', '.join(have)}" if have else "create one with `store create`",
-                            param="store", value=str(name_or_path))
-    if not os.access(p, os.W_OK | os.X_OK):
-        raise CachevizError(f"knowledge store {p.name} is in a read-only folder, so it cannot be repaired",
-                            "copy it to a data directory you can write to")
-    done: list[str] = []
-    with _dir_lock(p):
-        rep.stage("check")
-        # meta.json
-        try:
-            meta = read_meta(p)
-        except StoreDamaged:
-            if not kversions.restore_file(p / kversions.JOURNAL / "meta.json", p / "meta.json"):
-                raise CachevizError(f"knowledge store {p.name}'s meta.json and its copy are both damaged",
-                                    "create a new store with `store create --name NEW`") from None
-            meta = read_meta(p)
-            done.append("meta.json restored from its copy in journal/")
-        try:
-            kversions.unseal(p / kversions.JOURNAL / "meta.json")
-        except (OSError, ValueError):
-            if meta.get("format", 1) >= FORMAT:
-                store.atomic_write_json(p / kversions.JOURNAL / "meta.json", kversions.seal(meta))
-                done.append("meta.json's copy in journal/ written again")
-        # manifests
-        r = kversions.read(p)
-        segs = _segment_files(p)
-        lost = []
-        for n in r.damaged:
-            if kversions.restore(p, n):
-                done.append(f"version {n}'s manifest restored from its copy in journal/")
-                continue
-            from_seg = None
-            for f in segs.values():
-                info = _segment_info(f)
-                if info.get("version") == n and isinstance(info.get("manifest"), dict):
-                    body = info["manifest"]
-                    if kversions.digest({k: v for k, v in body.items() if k != "sha256"}) == body.get("sha256"):
-                        from_seg = body
-            if from_seg is not None:
-                store.atomic_write_json(kversions.manifest_path(p, n, kversions.JOURNAL), from_seg)
-                store.atomic_write_json(kversions.manifest_path(p, n), from_seg)
-                done.append(f"version {n}'s manifest restored from its key segment")
-                continue
-            lost.append(n)
-        if lost:
-            if not accept_loss:
-                raise CachevizError(
-                    f"knowledge store {p.name}: the manifest of version {', '.join(map(str, lost))} and every copy of "
-                    "it are gone", "run `store repair --accept-loss` to replace each with a version equal to the one "
-                    "before it (no item is deleted)")
-            for n in lost:
-                r = kversions.read(p)
-                prev = r.versions.get(n - 1)
-                if prev is None:
-                    raise CachevizError(f"version {n} cannot be replaced: the version before it is gone too",
-                                        "create a new store with `store create --name NEW`")
-                ends = [prev.next_id] + [first + len(_segment_info(f).get("sources", [])) for first, f in segs.items()
-                         if _segment_info(f).get("version") == n]
-                v = Version(n, prev.number, prev.undo_target, "repair",
-                            f"version {n}'s manifest was lost; this version equals version {prev.number}", [], [],
-                            max(ends), prev.n_live, time.time(), MAIN)
-                body = kversions.seal(v.to_json())
-                store.atomic_write_json(kversions.manifest_path(p, n, kversions.JOURNAL), body)
-                store.atomic_write_json(kversions.manifest_path(p, n), body)
-                done.append(f"version {n} was lost: replaced by a version equal to version {prev.number}")
-        for f in (p / kversions.MANIFESTS).glob("*.json"):  # a good manifest whose copy is gone
-            c = kversions.manifest_path(p, int(f.stem), kversions.JOURNAL) if f.stem.isdigit() else None
-            if c is not None and not kversions.restore_file(c, c, check_only=True):
-                try:
-                    kversions.unseal(f)
-                    store.atomic_write_bytes(c, f.read_bytes())
-                except ValueError:
-                    pass
-        r = kversions.read(p)
-        whole = r.latest is not None and all(n in r.versions for n in range(1, r.latest.number + 1))
-        if r.problems and whole and all("manifest (" not in x for x in r.problems):
-            kversions.write_head(p, r.latest)
-            done.append(f"head.json written again (newest version {r.latest.number})")
-            r = kversions.read(p)
-        if r.problems:
-            raise CachevizError(f"knowledge store {p.name} is still damaged: {r.problems[0]}",
-                                "create a new store with `store create --name NEW`")
-        versions = r.versions
-        # key segments, from the database
-        coll = kdb.collection_name(meta)
-        ranges = sorted({(a, b, v.number) for v in versions.values() for a, b in v.added})
-        for a, b, number in ranges:
-            f = segs.get(a)
-            if f is not None and store.load_tensors(f) is not None and _segment_info(f).get("sources") is not None:
-                continue
-            with kdb.db(p) as client:
-                kdb.load(client, coll)
-                rows = []
-                for s in range(a, b, INSERT_BATCH):
-                    rows += client.query(coll, filter=f"id >= {s} and id < {min(b, s + INSERT_BATCH)}",
-                                         output_fields=["id", "key", "label", "source", "task"])
-            rows.sort(key=lambda x: int(x["id"]))
-            if [int(x["id"]) for x in rows] != list(range(a, b)):
-                raise CachevizError(f"knowledge store {p.name}: the key segment of items {a} to {b - 1} is damaged and "
-                                    "the database does not hold all of them", "create a new store with `store create "
-                                                                              "--name NEW`")
-            seg = p / "segments" / f"{a:012d}.safetensors"
-            store.atomic_write_json(seg.with_suffix(".json"), {"sources": [x["source"] for x in rows], "version": number,
-                                                               "task": int(rows[0]["task"]) if rows else 0})
-            store.save_tensors(seg, {"keys": torch.tensor(np.asarray([x["key"] for x in rows], np.float32)),
-                                     "labels": torch.tensor([int(x["label"]) for x in rows], dtype=torch.int64)},
-                               {"kind": "store-segment", "first": a, "n": b - a})
-            done.append(f"the key segment of items {a} to {b - 1} rebuilt from the database")
-        # the database, from the key segments
-        ks = None
-        try:
-            ks = KnowledgeStore.__new__(KnowledgeStore)
-            _init_unlocked(ks, p, Path(data_dir))
-            ks._check_db()
-        except StoreDamaged as exc:
-            rep.stage("rebuild the database")
-            what = _rebuild_db(ks, meta)
-            done.append(f"the database rebuilt from the key segments ({exc.problem.split(': ', 1)[-1]}); {what}")
-        # the search graph: derived, so dropped when damaged
-        hj, hf = p / "hnsw.json", p / "hnsw.faiss"
-        if hf.exists() or hj.exists():
-            try:
-                hm = kversions.unseal(hj)
-                ok = hf.exists() and store.file_sha256(hf) == hm.get("file_sha256")
-            except (OSError, ValueError):
-                ok = False
-            if not ok:
-                hf.unlink(missing_ok=True)
-                hj.unlink(missing_ok=True)
-                done.append("the damaged search graph (hnsw.faiss) dropped; it is built again on the next search")
-        if store.load_tensors(p / "test.safetensors") is None:
-            done.append("test.safetensors (the test items edits are judged on) is damaged and cannot be rebuilt: "
-                        "queries and edits work, but a new store (`store create --name NEW`) is needed to judge them")
-    KnowledgeStore(p, Path(data_dir))  # opens clean, or says what is still wrong
-    return done or ["nothing was wrong"]
-
-
-def _init_unlocked(ks: "KnowledgeStore", p: Path, data_dir: Path) -> None:
-    """A store object over `p` for repair, without the open-time checks (repair holds the lock)."""
-    ks.path, ks.data_dir, ks.device, ks.branch = p, data_dir, "cpu", MAIN
-    ks.meta = read_meta(p)
-    ks.name = p.name
-    ks.setup = Setup(**ks.meta["setup"])
-    ks.layers, ks.classes, ks.dim = ks.meta["layers"], ks.meta["classes"], ks.meta["dim"]
-    ks.theta, ks.lam, ks.theta_cache_only = ks.meta["theta"], ks.meta["lam"], ks.meta["theta_cache_only"]
-    ks._s = _Shared(ks.dim)
-    ks._lock = ks._s.lock
-    ks._creating, ks._writable = False, True
-    ks._sync(force=True)
-
-
-def _rebuild_db(ks: "KnowledgeStore", meta: dict) -> str:
-    """Every committed row again, from the key segments, into a fresh database or collection."""
-    p = ks.path
-    n = ks._latest().next_id if ks._latest() else 0
-    version_of = {}
-    for v in ks._s.versions.values():
-        for a, b in v.added:
-            version_of[a] = v.number
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    if kdb.is_server():
-        coll = f"{kdb.collection_name(meta)[:180]}_r{stamp.replace('-', '_')}"
-        new_meta = kversions.seal({**meta, "collection": coll})
-        kept = f"the damaged collection {kdb.collection_name(meta)} is left on the server"
-    else:
-        coll = kdb.collection_name(meta)
-        aside = p / f"items.db.damaged-{stamp}"
-        if (p / "items.db").exists():
-            os.replace(p / "items.db", aside)
-        new_meta = None
-        kept = f"the damaged one is kept as {aside.name}"
-    with kdb.db(p) as client:
-        kdb.make_collection(client, coll, ks.dim)
-        for first, f in sorted(_segment_files(p).items()):
-            if first >= n:
-                continue
-            info = _segment_info(f)
-            keys, labels = ks._s.keys, ks._s.labels
-            m = len(info.get("sources", []))
-            for s in range(first, first + m, INSERT_BATCH):
-                e = min(first + m, s + INSERT_BATCH)
-                client.insert(coll, [{"id": i, "key": keys[i].tolist(), "label": int(labels[i]),
-                                      "source": ks._s.sources[i][:kdb.SOURCE_LEN],
-                                      "class_name": ks.classes[int(labels[i])][:kdb.NAME_LEN],
-                                      "task": int(info.get("task", 0)), "version": int(info.get("version",
-                                                                                                 version_of.get(first, 0)))}
-                                     for i in range(s, e)])
-        client.flush(coll)
-    if new_meta is not None:
-        store.atomic_write_json(p / kversions.JOURNAL / "meta.json", new_meta)
-        store.atomic_write_json(p / "meta.json", new_meta)
-    return kept
 
 
 def _crash_point(where: str) -> None:
@@ -1290,5 +1083,5 @@ def open_or_create(setup: Setup, data_dir, device="cpu", progress: Reporter | No
     return KnowledgeStore.create(setup, data_dir, device, progress=progress)
 
 
-__all__ = ["KnowledgeStore", "Version", "StoreDamaged", "StoreUnfinished", "list_stores", "check_name", "repair", "Evaluation", "changed", "open_or_create", "store_name", "stores_dir",
+__all__ = ["KnowledgeStore", "Version", "StoreDamaged", "StoreUnfinished", "list_stores", "check_name", "read_meta", "NAME_RE", "FORMAT", "INSERT_BATCH", "Evaluation", "changed", "open_or_create", "store_name", "stores_dir",
            "DEFAULT_K"]

@@ -12,12 +12,15 @@ unreadable manifest might name never is.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 from . import store
 from .errors import CachevizError
@@ -179,6 +182,17 @@ def restore_file(src: Path, dst: Path, check_only: bool = False) -> bool:
     return True
 
 
+@contextlib.contextmanager
+def dir_lock(path: Path) -> Iterator[None]:
+    """A store's edit lock (its `lock` file), across threads' file handles and processes."""
+    with open(path / "lock", "a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def check_branch(name: str) -> str:
     if not isinstance(name, str) or not BRANCH_RE.fullmatch(name):
         raise CachevizError("a branch's name uses 1 to 64 letters, digits, '_' and '-'", param="branch", value=name)
@@ -186,4 +200,4 @@ def check_branch(name: str) -> str:
 
 
 __all__ = ["Version", "StoreDamaged", "Reading", "read", "write", "write_head", "restore", "restore_file", "seal", "unseal", "digest",
-           "manifest_path", "check_branch", "MAIN", "MANIFESTS", "JOURNAL", "HEAD"]
+           "manifest_path", "check_branch", "dir_lock", "MAIN", "MANIFESTS", "JOURNAL", "HEAD"]

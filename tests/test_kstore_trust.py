@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from cacheviz import kdb, kstore, kversions
+from cacheviz import kdb, krepair, kstore, kversions
 from cacheviz.__main__ import main
 from cacheviz.config import Setup
 from cacheviz.errors import CachevizError
@@ -91,7 +91,7 @@ def test_a_damaged_head_manifest_is_an_error_and_the_next_edit_destroys_nothing(
         assert "store repair" in err and f"version {v3.number}" in err and err.count("\n") == 1
     # nothing the lost version names was swept, and no id was reused
     assert _rows_in_db(ks) == rows and seg.exists()
-    done = kstore.repair(ks.path, ks.data_dir)
+    done = krepair.repair(ks.path, ks.data_dir)
     assert any(f"version {v3.number}" in d for d in done)
     again = kstore.KnowledgeStore.open(ks.path, ks.data_dir)
     assert again.head.number == v3.number and again.class_counts()[4] == 0
@@ -104,7 +104,7 @@ def test_an_add_whose_manifest_and_copy_are_gone_comes_back_from_its_segment(ks)
     kversions.manifest_path(ks.path, 2, kversions.JOURNAL).unlink()
     with pytest.raises(kversions.StoreDamaged, match="version 2's manifest .* is missing"):
         kstore.KnowledgeStore.open(ks.path, ks.data_dir)
-    assert any("from its key segment" in d for d in kstore.repair(ks.path, ks.data_dir))
+    assert any("from its key segment" in d for d in krepair.repair(ks.path, ks.data_dir))
     assert kstore.KnowledgeStore.open(ks.path, ks.data_dir).head == v2
 
 
@@ -114,8 +114,8 @@ def test_a_lost_remove_is_replaced_only_when_the_loss_is_accepted_and_ids_are_ne
     for f in (kversions.manifest_path(ks.path, 3), kversions.manifest_path(ks.path, 3, kversions.JOURNAL)):
         f.unlink()
     with pytest.raises(CachevizError, match="accept-loss"):
-        kstore.repair(ks.path, ks.data_dir)
-    kstore.repair(ks.path, ks.data_dir, accept_loss=True)
+        krepair.repair(ks.path, ks.data_dir)
+    krepair.repair(ks.path, ks.data_dir, accept_loss=True)
     again = kstore.KnowledgeStore.open(ks.path, ks.data_dir)
     assert again.head.op == "repair" and again.head.number == 3 and again.class_counts()[5] > 0
     v4 = again.add_images([_img(2)], [1])
@@ -127,7 +127,7 @@ def test_head_json_missing_is_noticed_and_rewritten_by_repair(ks):
     (ks.path / kversions.HEAD).unlink()
     with pytest.raises(kversions.StoreDamaged, match="head.json"):
         kstore.KnowledgeStore.open(ks.path, ks.data_dir)
-    kstore.repair(ks.path, ks.data_dir)
+    krepair.repair(ks.path, ks.data_dir)
     assert kstore.KnowledgeStore.open(ks.path, ks.data_dir).head.number == 2
 
 
@@ -136,7 +136,7 @@ def test_a_damaged_meta_json_is_restored_from_its_copy(ks, capsys):
     assert main(_cli(ks, "list", "--store", ks.path.name)) == 2
     err = capsys.readouterr().err
     assert "meta.json" in err and "store repair" in err
-    assert "meta.json restored" in " ".join(kstore.repair(ks.path, ks.data_dir))
+    assert "meta.json restored" in " ".join(krepair.repair(ks.path, ks.data_dir))
     assert main(_cli(ks, "list", "--store", ks.path.name)) == 0
 
 
@@ -291,7 +291,7 @@ def test_a_damaged_database_is_noticed_on_open_and_rebuilt_from_the_segments(ks,
     assert main(_cli(ks, "list")) == 2
     err = capsys.readouterr().err
     assert "store repair" in err and "Traceback" not in err and err.count("\n") == 1
-    done = kstore.repair(ks.path, ks.data_dir)
+    done = krepair.repair(ks.path, ks.data_dir)
     assert any("database rebuilt" in d for d in done)
     again = kstore.KnowledgeStore.open(ks.path, ks.data_dir)
     np.testing.assert_array_equal(again.search(q, 10)[1], want[1])
@@ -368,7 +368,7 @@ def test_a_read_only_copy_of_a_store_can_be_read(ks, tmp_path):
         with pytest.raises(CachevizError, match="read-only"):
             r.remove([0])
     finally:
-        subprocess.run(["umount", str(ro)], capture_output=True)
+        subprocess.run(["umount", "-l", str(ro)], capture_output=True)  # lazily: mapped tensors keep files open
 
 
 # -- branches (a class's own lines of versions) -----------------------------------------------
