@@ -15,9 +15,11 @@ with ui.guard("ks"):
     if choice.problem:
         ui.show_problem(choice.problem, key="ks_problem")
         st.stop()
-    ks = ui.store_panel(choice)
-    if ks is None:
+    base = ui.store_panel(choice)
+    if base is None:
         st.stop()
+    ks = ui.session_view(base)  # a student's own copy, or the class store
+    ui.own_copy_panel(base)
     classes, head = ks.classes, ks.head
     ws = ks.workspace()
     gray = ws.spec.in_channels == 1
@@ -38,8 +40,7 @@ with ui.guard("ks"):
 
     # --- edits -----------------------------------------------------------------------------------
     st.subheader("Edit the store")
-    st.caption("Each edit commits a new version at once, for every session and the command line; undo is one "
-               "more version, equal to the one before the edit.")
+    st.caption(ui.edit_caption())
     ui.show_notes()
     forget, teach, back = st.columns([2, 3, 2])
     with forget:
@@ -78,6 +79,8 @@ with ui.guard("ks"):
         if st.button("Undo the last edit", key="ks_undo", icon=":material/undo:", disabled=head.undo_target is None):
             ui.edit(ks.undo)
             st.rerun()
+
+    ui.students_edits(base)
 
     # --- what changed ----------------------------------------------------------------------------
     st.subheader("What changed")
@@ -137,7 +140,8 @@ with ui.guard("ks"):
         pred = int(np.argmax(ex["p"]))
         mark = (lambda c: "") if truth is None else (lambda c: " ✓" if c == truth else " ✗")
         left, right = st.columns([1, 3])
-        left.image(images.enlarge(retrieval.model_view(ws.spec, img), 160), caption=name, width=160)
+        # an uploaded file's name is the user's text: shown literally (a caption renders Markdown)
+        left.image(images.enlarge(retrieval.model_view(ws.spec, img), 160), caption=ui.markdown_text(name), width=160)
         with right:
             p_net, p_only = int(np.argmax(ex["p_net"])), int(np.argmax(ex["p_only"]))
             only = f"**{classes[p_only]}**{mark(p_only)}" if ex["k"] else "nothing (an empty store)"

@@ -198,7 +198,11 @@ with ui.guard("nb"):
         for n, (col, layer) in enumerate(zip(cols, picked)):
             with col:
                 gb = ui.key_bytes(choice, [layer], rows=len(index)) / 2**30
-                if gb > 1.5 and ui.index_job(choice, (layer,)) is None and not st.button(
+                big = gb > 1.5 and ui.index_job(choice, (layer,)) is None
+                if big and ui.start_refusal():  # minutes of extraction: the teacher's to start
+                    st.info(ui.start_refusal(), icon=":material/school:")
+                    continue
+                if big and not st.button(
                     f"Prepare {layer} keys anyway", key=f"nb_big_{n}"
                 ):
                     st.warning(f"{layer} keys need about {gb:.1f} GB of memory and take minutes to extract; "

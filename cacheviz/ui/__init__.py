@@ -11,6 +11,7 @@
     jacobian   the Jacobians page (Figure 4): its study, |J| table, command line, explorer order
     early      the "Answer early" page: its study, exit layers, tables at one tau, command line
     knowledge  the "Knowledge store" page: creating the store, edits, what an edit changed, queries
+    roles      the teacher and the students: sign-in, a student's own store branch, who starts builds
 
 Pages read widgets, build a study, look it up or run it through `panels`, and draw; they use
 the names re-exported here.
@@ -24,10 +25,11 @@ from .early import (early_cli, early_layers, early_study, early_table, faster_wi
 from .jacobian import (RHO_ATTACKS, THETA_RANGE, by_network_norm, clicked_point, correlation_table, jacobian_cli, jacobian_default_n,
                        jacobian_study, jacobian_summary, norm_table, norms_of, rho_group, rho_rows)
 from .jobs import Job, JobBoard
-from .knowledge import (changed_gallery, decode_all, edit, how_it_answers, open_store, per_class_rows, show_notes,
-                        store_cli, store_default_pair, store_explain, store_k, store_neighbour_gallery, store_panel,
-                        store_verdict, version_label, where_it_lives)
-from .messages import WIDGETS, markdown_text, message, upload_name
+from .knowledge import (changed_gallery, decode_all, edit, edit_caption, how_it_answers, open_store, own_copy_panel,
+                        per_class_rows, session_view, show_notes, store_cli, store_default_pair, store_explain, store_k,
+                        store_neighbour_gallery, store_panel, store_verdict, students_edits, version_label,
+                        where_it_lives)
+from .messages import WIDGETS, markdown_text, message, shown, upload_name
 from .nav import ensure_entrypoint, entrypoint_started, page_config, pages
 from .panels import build_panel, experiment_page, guard, index_job, load_index, show_problem, study_panel
 from .robustness import (ATTACK_NAMES, CORRUPTIONS, CURVE_ATTACKS, MAX_EPSILON, MAX_SEED, MINIMAL_ATTACKS,
@@ -35,6 +37,8 @@ from .robustness import (ATTACK_NAMES, CORRUPTIONS, CURVE_ATTACKS, MAX_EPSILON, 
                          attack_strengths, attack_table, attack_verdict, curve_table, eps_in_pixels, parse_strengths,
                          neighbour_gallery, pixel_scale, resist_lab, resist_verdict, robust_exports, robustness_study, strengths_text,
                          test_part_size, transfer_sources)
+from .roles import (ASK_TEACHER, announce, is_teacher, role_sidebar, session_branch, start_refusal,
+                    teacher_mode_on)
 from .resources import decode, image_key, picks, query, result_tag, thumbnails, workspace
 from .state import (CIFAR, CUSTOM, DATASETS, K_DATASET, K_DEVICE, K_FLIP, K_FRACTION, K_LAYERS, K_MODEL,
                     K_PRESET, K_PROTOCOL, MODELS, OFFLINE, PAPER, PRESETS, PROTOCOLS, Choice, apply_preset, current, key_bytes, model_info,
@@ -60,8 +64,9 @@ __all__ = [
     "keynet_tables", "keynet_query", "keynet_theta",
     "changed_gallery", "decode_all", "edit", "how_it_answers", "open_store", "per_class_rows", "show_notes",
     "store_cli", "store_default_pair", "store_explain", "store_k", "store_neighbour_gallery", "store_panel",
-    "store_verdict", "version_label", "where_it_lives",
-    "Job", "JobBoard", "WIDGETS", "message", "markdown_text", "upload_name", "ensure_entrypoint", "entrypoint_started", "page_config", "pages",
+    "store_verdict", "version_label", "where_it_lives", "edit_caption", "own_copy_panel", "session_view", "students_edits",
+    "ASK_TEACHER", "announce", "is_teacher", "role_sidebar", "session_branch", "start_refusal", "teacher_mode_on",
+    "Job", "JobBoard", "WIDGETS", "message", "markdown_text", "shown", "upload_name", "ensure_entrypoint", "entrypoint_started", "page_config", "pages",
     "build_panel", "experiment_page", "guard", "index_job", "load_index", "show_problem", "study_panel", "decode", "image_key",
     "picks", "query", "result_tag", "thumbnails", "workspace", "CIFAR", "CUSTOM", "DATASETS", "K_DATASET",
     "K_DEVICE", "K_FLIP", "K_FRACTION", "K_LAYERS", "K_MODEL", "K_PRESET", "K_PROTOCOL", "MODELS", "OFFLINE", "PAPER",

@@ -1,6 +1,9 @@
 """The "Knowledge store" page's parts: creating the setup's store on the job board, one store
 object per store per server, edits that end in a message and a rerun, what an edit changed, a
-query explained by the stored items, and the equivalent command lines."""
+query explained by the stored items, and the equivalent command lines.
+
+With the teacher role on (`roles`), a student's edits go to the session's own branch of the
+store and the teacher publishes a branch to the class store ("main")."""
 from __future__ import annotations
 
 import functools
@@ -11,12 +14,13 @@ from pathlib import Path
 import numpy as np
 import streamlit as st
 
-from .. import images, kstore, plots, retrieval
+from .. import images, kdb, kstore, plots, retrieval
 from ..errors import CachevizError
 from ..progress import Reporter, Stage
-from .messages import markdown_text, message, upload_name
+from .messages import markdown_text, message, shown, upload_name
 from .panels import follow
 from .resources import decode, jobs, setup_lock
+from .roles import MAIN, is_teacher, session_branch, start_refusal, teacher_mode_on
 from .state import Choice
 from .studies import setup_cli
 
@@ -62,7 +66,10 @@ def open_store(choice: Choice) -> kstore.KnowledgeStore | None:
     meta = path / "meta.json"
     if not meta.exists():
         return None
-    ks = _store(str(path), str(choice.data_dir), choice.device, meta.stat().st_mtime)
+    try:
+        ks = _store(str(path), str(choice.data_dir), choice.device, meta.stat().st_mtime)
+    except kstore.StoreUnfinished:
+        return None  # left by a create killed before creates were atomic: the create button makes it anew
     return ks.refresh()
 
 
@@ -75,6 +82,10 @@ def store_panel(choice: Choice) -> kstore.KnowledgeStore | None:
     st.markdown(INTRO)
     job = jobs().get(_job_key(choice))
     if job is None or not job.active:
+        ask = start_refusal()  # creating it trains, tunes and perhaps downloads: the teacher's to start
+        if ask:
+            st.info(ask, icon=":material/school:")
+            return None
         slot = st.empty()
         if not slot.button("Create the knowledge store", type="primary", key="ks_create",
                            icon=":material/database:"):
@@ -89,6 +100,77 @@ def store_panel(choice: Choice) -> kstore.KnowledgeStore | None:
         job = jobs().start(_job_key(choice), "knowledge store", task, setup_lock(choice.setup, choice.data_dir))
     follow(job, CREATE_STAGES)  # also when another session started it
     st.rerun()  # the next run opens the store, or shows why the job failed
+
+
+# ---------------------------------------------------------------------------------------------
+# Lines of the store: the class store ("main") and each student session's own copy
+
+
+def session_view(base: kstore.KnowledgeStore) -> kstore.KnowledgeStore:
+    """The store as this session sees and edits it: the class store for the teacher (and for
+    everyone with the role off), a student's own branch otherwise."""
+    line = session_branch()
+    return base if line == MAIN else base.on_branch(line)
+
+
+def edit_caption() -> str:
+    if session_branch() != MAIN:
+        return ("Each edit commits a new version of your copy at once; undo is one more version, equal to the one "
+                "before the edit. The class store and the other students' copies do not change.")
+    return ("Each edit commits a new version at once, for every session and the command line; undo is one more "
+            "version, equal to the one before the edit.")
+
+
+def own_copy_panel(base: kstore.KnowledgeStore) -> None:
+    """Which line this session is on; for a student, the way back to the class store."""
+    line = session_branch()
+    if line == MAIN:
+        if teacher_mode_on():
+            st.caption("Signed in as the teacher: your edits change the class store every session sees.")
+        return
+    st.info(f"This is **your own copy** of the store (`{line}`): only you see your edits until the teacher "
+            f"publishes them.", icon=":material/person:")
+    own = base.branches().get(line)
+    if own is not None and base.head.number > own.number:
+        st.caption("The class store has changed since your copy's last edit; start over to take the new one "
+                   "(your edits are dropped from your copy).")
+    if st.button("Start over from the class store", key="ks_reset", icon=":material/restart_alt:",
+                 disabled=own is None, help="Your copy has no edit of its own yet." if own is None else None):
+        edit(base.reset_branch, line)
+        st.rerun()
+
+
+MAX_BRANCHES_SHOWN = 40
+
+
+def students_edits(base: kstore.KnowledgeStore) -> None:
+    """The teacher's view of the students' copies: each one's head, its items per class beside the
+    class store's, and the button that publishes it to everyone."""
+    if not is_teacher():
+        return
+    heads = base.branches()
+    if not heads and not teacher_mode_on():
+        return  # single-user, and nobody ever had a copy: nothing to say
+    st.subheader("Students' edits")
+    if not heads:
+        st.caption("No student has edited their own copy yet; their edits show here, for you to publish.")
+        return
+    st.caption("Each student edits a copy of their own. Publishing a copy makes the class store equal to it "
+               "(one more version of the class store; undo takes it back).")
+    newest = sorted(heads.items(), key=lambda kv: -kv[1].created)[:MAX_BRANCHES_SHOWN]
+    main_counts = base.class_counts()
+    for name, v in newest:
+        with st.expander(f"`{name}` · version {v.number} · {v.op} {markdown_text(v.detail)} · {v.n_live:,} items"):
+            counts = base.on_branch(name).class_counts()
+            table = {"": ["class store", "this copy"]}
+            table.update({c: [int(a), int(b)] for c, a, b in zip(base.classes, main_counts, counts)})
+            st.dataframe(table, hide_index=True, key=f"ks_branch_counts_{name}")
+            if st.button("Publish to the class store", key=f"ks_publish_{name}", type="primary",
+                         icon=":material/publish:"):
+                edit(base.publish, name)
+                st.rerun()
+    if len(heads) > len(newest):
+        st.caption(f"The {len(newest)} most recently edited of {len(heads)} copies shown.")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -138,10 +220,14 @@ def decode_all(files, invert_light: bool, ds) -> tuple[list[np.ndarray], list[st
 
 
 def store_default_pair(ks: kstore.KnowledgeStore) -> tuple[int, int]:
-    """(before, after) for the head: an edit against its parent, an undo against what it undid."""
+    """(before, after) for the head: against the version it followed on its own line (main, or a
+    student's branch), so an undo or a reset is judged against what it undid and a publish against
+    the class store it replaced; a branch's first edit against the class store it started from.
+    Numbers are shared by all lines, so "the number before" may be another session's version."""
     h = ks.head
-    if h.op == "undo":
-        return h.number - 1, h.number
+    prev = [v.number for v in ks.versions if v.branch == h.branch and v.number < h.number]
+    if prev:
+        return prev[-1], h.number
     return (h.parent if h.parent is not None else h.number), h.number
 
 
@@ -274,11 +360,24 @@ def how_it_answers(ks: kstore.KnowledgeStore) -> str:
             f"(θ = {ks.theta_cache_only:g}). An edit changes which rows are live; no weight changes.")
 
 
+def _store_folder(ks: kstore.KnowledgeStore) -> str:
+    """The store's folder relative to the data directory (`stores/<name>`): a browser never
+    sees, nor chooses, a path on the server."""
+    try:
+        return ks.path.resolve().relative_to(Path(ks.data_dir).resolve()).as_posix()
+    except ValueError:  # a store opened by path, outside the data directory
+        return f"stores/{ks.path.name}"
+
+
 def where_it_lives(ks: kstore.KnowledgeStore) -> str:
+    folder = _store_folder(ks)
     uri = os.environ.get("CACHEVIZ_MILVUS_URI")
-    db = f"the Milvus server at `{uri}`" if uri else f"`{ks.path / 'items.db'}` (Milvus Lite)"
-    return (f"Database: {db}; versions, key segments and added images under `{ks.path}`. "
-            f"Top-k search: FAISS ({ks.index_kind}) over the live items.")
+    describe = getattr(kdb, "describe_uri", None)  # until it lands (kdb's change), the same words here
+    db = describe(Path(folder)) if describe else (f"the Milvus server at {uri}" if uri else
+                                                  f"the Milvus Lite file {folder}/items.db")
+    db = shown(db).replace("`", "'")  # a code span: shown literally, whatever a URI holds
+    return (f"Database: `{db}`; versions, key segments and added images under `{folder}` in the data "
+            f"directory. Top-k search: FAISS ({ks.index_kind}) over the live items.")
 
 
 def store_cli(choice: Choice, ks: kstore.KnowledgeStore, label: int = 0) -> list[str]:
@@ -295,6 +394,7 @@ def store_cli(choice: Choice, ks: kstore.KnowledgeStore, label: int = 0) -> list
             f"python -m cacheviz store query {base} mistaken.png"]
 
 
-__all__ = ["CREATE_STAGES", "create_store", "store_path", "open_store", "store_panel", "edit", "show_notes",
+__all__ = ["CREATE_STAGES", "create_store", "store_path", "open_store", "store_panel", "session_view", "edit_caption",
+           "own_copy_panel", "students_edits", "edit", "show_notes",
            "decode_all", "store_default_pair", "per_class_rows", "store_verdict", "changed_gallery", "store_explain",
            "store_neighbour_gallery", "how_it_answers", "where_it_lives", "store_cli", "store_k", "version_label"]

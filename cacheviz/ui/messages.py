@@ -1,7 +1,20 @@
-"""The app's words for engine errors: each parameter named by the widget that sets it."""
+"""The app's words for engine errors: each parameter named by the widget that sets it; and what
+no browser may see in them (credentials, the server's absolute paths)."""
 from __future__ import annotations
 
+import os
+import re
+from pathlib import Path
+
 from ..errors import CachevizError
+
+try:
+    from ..kdb import redact
+except ImportError:  # pragma: no cover - kdb.redact lands with the Milvus server work; the same rule until then
+    def redact(text: str) -> str:
+        text = re.sub(r"(\b[A-Za-z][A-Za-z0-9+.-]*://[^\s:/@]+:)[^\s@/]+@", r"\1***@", str(text))
+        token = os.environ.get("CACHEVIZ_MILVUS_TOKEN", "")
+        return text.replace(token, "***") if token else text
 
 # Engine parameter -> the widget (or the place) a user of the app changes it with; None: the
 # app has no such control, so a fix that needs it is left out of the sentence.
@@ -31,8 +44,26 @@ def upload_name(name: str, most: int = 60) -> str:
     return markdown_text(base)
 
 
+def _data_dir() -> Path:
+    # as state.data_dir (which imports this module): the env on every call, else ./data
+    return Path(os.environ.get("CACHEVIZ_DATA_DIR") or "data").expanduser()
+
+
+def shown(text: str) -> str:
+    """`text` as a browser may see it: passwords and the Milvus token masked (kdb.redact), and the
+    data directory's absolute path said as "the data directory" -- the app is open to a whole
+    class, and a server's layout and credentials are nobody's business there."""
+    text = redact(str(text))
+    where = _data_dir()
+    for root in {str(where.resolve()), str(where.absolute())} - {"/"}:
+        text = re.sub(re.escape(root) + r"(?:(/[^\s`'\")]*)|(?![\w-]))",
+                      lambda m: f"the data directory's {m.group(1)[1:]}" if m.group(1) and len(m.group(1)) > 1
+                      else "the data directory", text)
+    return text
+
+
 def message(exc: BaseException | str) -> str:
-    """One sentence for the user of the app."""
+    """One sentence for the user of the app, shown as a browser may see it (`shown`)."""
     if isinstance(exc, CachevizError):
-        return exc.render(WIDGETS)
-    return str(exc)
+        return shown(exc.render(WIDGETS))
+    return shown(str(exc))

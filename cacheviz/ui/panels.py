@@ -17,8 +17,9 @@ from ..errors import CachevizError
 from ..experiment import Evaluate
 from ..progress import Stage
 from .jobs import OUT_OF_MEMORY, Job
-from .messages import message
+from .messages import message, shown
 from .resources import cache_index, jobs, locks, result_tag, setup_lock
+from .roles import start_refusal
 from .state import OFFLINE, Choice, apply_preset, data_dir
 
 log = logging.getLogger("cacheviz.app")
@@ -38,8 +39,11 @@ def use_offline_preset_button(key: str) -> None:
 
 def show_problem(msg: str, key: str = "offline_from_problem") -> None:
     """One sentence, where the data lives, and the way out: the offline preset."""
-    st.error(msg)
-    st.caption(f"Data directory: `{data_dir().resolve()}` (set `CACHEVIZ_DATA_DIR` to use another).")
+    st.error(shown(msg))
+    # the configured path, never the server's absolute one: the app is open to a whole class
+    where = data_dir()
+    st.caption(f"Data directory: `{where}` (set `CACHEVIZ_DATA_DIR` to use another)." if not where.is_absolute()
+               else "Data directory: the one the server's `CACHEVIZ_DATA_DIR` names.")
     use_offline_preset_button(key)
 
 
@@ -189,12 +193,16 @@ def study_panel(study, choice: Choice, key: str, label: str, refusal: str | None
         if refusal:
             st.warning(refusal, icon=":material/memory:")
             return None
+        ask = start_refusal()  # a student: results stored or running stay visible, starting is the teacher's
+        if ask:
+            st.info(ask, icon=":material/school:")
+            return None
         if note and job is None:
-            st.info(note)
+            st.info(shown(note))
         slot = st.empty()
         if not slot.button(label, type="primary", key=button_key or f"{key}_run", icon=":material/play_arrow:"):
             if job is not None and job.state == "failed":
-                msg = job.error or "The last run failed; try again."
+                msg = shown(job.error or "The last run failed; try again.")
                 if offer_offline:
                     show_problem(msg, key=f"{key}_failed")
                 else:

@@ -14,6 +14,7 @@ from ..config import DEFAULT_MODEL, PAPER_VAL_ITEMS, Setup
 from ..errors import CachevizError
 from ..features import LayerInfo, list_layers
 from .messages import message
+from .roles import ASK_TEACHER, start_refusal
 
 OFFLINE = "Digits · small CNN (offline)"
 CIFAR = "CIFAR-10 · ResNet-20"
@@ -89,11 +90,17 @@ def _checkpoint_stamp(where: Path) -> str:
 
 
 @st.cache_resource(max_entries=8, show_spinner="Loading the model…")
-def _model_info(model: str, where: str, stamp: str) -> ModelInfo:
-    from ..models import load_model, untrained_digits_spec
+def _model_info(model: str, where: str, stamp: str, download: bool = True) -> ModelInfo:
+    from ..models import architecture_only, load_model, untrained_digits_spec, weights_path
 
     try:
-        if model == "digits-cnn":
+        if not download and model != "digits-cnn" and not weights_path(model, where).is_file():
+            # a student picking a CIFAR preset must not start a download: the layers are known
+            # from the architecture, and building it is the teacher's (roles.start_refusal)
+            spec = architecture_only(model)
+            if spec is None:
+                return ModelInfo(error=ASK_TEACHER)
+        elif model == "digits-cnn":
             try:
                 spec = load_model(model, where, train_if_missing=False)
             except CachevizError:
@@ -107,7 +114,7 @@ def _model_info(model: str, where: str, stamp: str) -> ModelInfo:
 
 def model_info(model: str) -> ModelInfo:
     where = data_dir()
-    return _model_info(model, str(where), _checkpoint_stamp(where))
+    return _model_info(model, str(where), _checkpoint_stamp(where), start_refusal() is None)
 
 
 @st.cache_data(max_entries=8, show_spinner=False)
