@@ -23,6 +23,7 @@ from . import __version__, store
 from .cache import CacheMemory
 from .config import Setup
 from .data import dataset_fingerprint
+from .locks import build_lock
 from .models import weights_fingerprint
 from .progress import Prefixed, ProgressFn, Reporter, Silent, Stage, prefixed, reporter
 from .tuning import GridResult, LayeredCache, accuracy, grid_search, grid_search_sets, predict, predict_sets
@@ -283,14 +284,23 @@ class Study(ABC):
             if hit is not None:
                 return hit
         store.check_data_dir(data_dir)
-        run = Run(data_dir, device, batch_size, reporter(progress))
-        result = self.compute(run)
-        key = self._key([run.inputs[s] for s in self.setups])
-        path = self.path(data_dir, key)
-        if run.tensors is not None:  # first, so a result file always has its tensors beside it
-            store.save_tensors(path.with_suffix(".safetensors"), run.tensors, key)
-        store.save_result(path, key, result, code_version=__version__, device=run.device_name)
-        return store.canonical_json(result)
+        rep = reporter(progress)
+        # Another process (a second app server, the CLI) may be building the same request on this
+        # data directory: wait for it and read what it stored, rather than compute it twice. The
+        # ident, not the key: the key is unknown until the weights exist, which the build makes.
+        with build_lock(data_dir, ("study", self.kind, self.ident()), rep) as waited:
+            if not force or waited:  # a forced run that waited takes the result just computed
+                hit = self.lookup(data_dir)
+                if hit is not None:
+                    return hit
+            run = Run(data_dir, device, batch_size, rep)
+            result = self.compute(run)
+            key = self._key([run.inputs[s] for s in self.setups])
+            path = self.path(data_dir, key)
+            if run.tensors is not None:  # first, so a result file always has its tensors beside it
+                store.save_tensors(path.with_suffix(".safetensors"), run.tensors, key)
+            store.save_result(path, key, result, code_version=__version__, device=run.device_name)
+            return store.canonical_json(result)
 
 
 class StudyGroup:

@@ -6,10 +6,13 @@ session asking for the same work follows the job already queued or running inste
 another; a page switch does not stop it; finished jobs stay listed (the newest `keep`) so late
 visitors see how they ended. With `workers` >= 1 jobs wait in one first-come-first-served line
 for that many worker processes (`cacheviz/workers.py`) and each sees its place in the line; with 0 each
-runs in a thread of this process (tests).
+runs in a thread of this process (tests). Across processes (two servers on one data directory)
+`shared(key)` names a job's lock file, held by whoever runs the task (`cacheviz/locks.py`); studies
+take theirs in `Study.run` itself, so the CLI shares them too.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -18,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from ..errors import CachevizError
+from ..locks import run_locked
 from ..progress import Stage
 from ..workers import ProcessRunner, next_id
 
@@ -115,13 +119,17 @@ class JobBoard:
     `render(exc)` words a `CachevizError` for the front end (the app names its widgets).
     `workers` >= 1: jobs run in that many worker processes, first come first served, and a
     task must be picklable (a study's bound `run`, a module-level function); 0: in threads here.
+    `shared(key)`: (data directory, lock name) of a job that must run once across processes
+    sharing that directory, or None; the task then runs under that lock, wherever it runs.
     """
 
-    def __init__(self, render: Callable[[CachevizError], str] = str, keep: int = 64, workers: int = 0):
+    def __init__(self, render: Callable[[CachevizError], str] = str, keep: int = 64, workers: int = 0,
+                 shared: Callable[[tuple], tuple[str, Any] | None] | None = None):
         self._jobs: dict[tuple, Job] = {}
         self._lock = threading.Lock()
         self.render = render
         self.keep = keep
+        self.shared = shared
         self.runner = ProcessRunner(workers, render, OUT_OF_MEMORY) if workers > 0 else None
 
     def get(self, key: tuple) -> Job | None:
@@ -147,6 +155,9 @@ class JobBoard:
             finished = [k for k, j in self._jobs.items() if not j.active]
             for k in finished[: max(0, len(self._jobs) - self.keep)]:
                 del self._jobs[k]
+        where = self.shared(key) if self.shared is not None else None
+        if where is not None:  # a module-level partial: still picklable for a worker process
+            task = functools.partial(run_locked, str(where[0]), where[1], task)
         if self.runner is not None:
             self.runner.submit(job, task)
         else:

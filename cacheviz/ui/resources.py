@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import streamlit as st
 
-from .. import images, retrieval, store, workspace as engine_ws
+from .. import images, kstore, retrieval, store, workspace as engine_ws
 from ..config import Setup
 from ..experiment import Evaluate, TestPicks
 from .jobs import JobBoard, Locks
@@ -39,9 +39,24 @@ def workers() -> int:
         return 1
 
 
+def shared_lock(key: tuple) -> tuple[str, tuple] | None:
+    """The cross-process lock of a job the board runs, by its key: (data directory, lock name).
+
+    Two servers on one data directory must not both create a knowledge store or extract the same
+    keys; the name leaves out the directory's path, which may differ between machines sharing
+    it. Studies lock themselves in `Study.run`, so their jobs need none here."""
+    if len(key) == 2 and key[0] == "kstore":
+        path = Path(key[1])
+        if kstore.stores_dir(path.parent.parent) == path.parent:
+            return str(path.parent.parent), ("kstore", path.name)
+    if len(key) == 3 and key[0] == "index" and isinstance(key[1], Setup):
+        return str(key[2]), ("index", key[1].to_dict())
+    return None
+
+
 @st.cache_resource(show_spinner=False)
 def jobs() -> JobBoard:
-    return JobBoard(render=message, workers=workers())
+    return JobBoard(render=message, workers=workers(), shared=shared_lock)
 
 
 def setup_lock(setup: Setup, where: Path | str) -> threading.Lock:
