@@ -30,6 +30,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from .errors import CachevizError
+
 # One clear line in the job's progress while another process holds the build.
 WAITING_OTHER = "waiting for another server's build of the same work; its result is used, not computed again"
 
@@ -57,16 +59,15 @@ def build_lock(data_dir: str | os.PathLike, name: Any, progress=None) -> Iterato
     if key in held:
         yield False
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
     with _GUARD:
         local = _THREAD_LOCKS.setdefault(key, threading.Lock())
-    waited = False
-    if not local.acquire(blocking=False):
-        waited = True
-        _say_waiting(progress)
-        local.acquire()
-    try:
-        with open(path, "a+") as fh:
+    with _open(path) as fh:
+        waited = False
+        if not local.acquire(blocking=False):
+            waited = True
+            _say_waiting(progress)
+            local.acquire()
+        try:
             try:
                 fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -81,8 +82,18 @@ def build_lock(data_dir: str | os.PathLike, name: Any, progress=None) -> Iterato
             finally:
                 held.discard(key)
                 fcntl.flock(fh, fcntl.LOCK_UN)
-    finally:
-        local.release()
+        finally:
+            local.release()
+
+
+def _open(path: Path):
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return open(path, "a+")
+    except OSError as exc:  # a read-only data directory: one sentence, not a traceback
+        raise CachevizError(f"the data directory's lock file {path} cannot be written "
+                            f"({exc.strerror or type(exc).__name__})", "give a data directory you can write to",
+                            param="data_dir", value=str(path.parent.parent)) from None
 
 
 def _say_waiting(progress) -> None:

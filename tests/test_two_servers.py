@@ -144,6 +144,15 @@ def test_threads_of_one_process_exclude_each_other_and_a_nested_take_passes(tmp_
     assert overlap == [1, 1, 1] and said.count(WAITING_OTHER) >= 1
 
 
+def test_a_data_directory_without_room_for_locks_is_one_sentence(tmp_path):
+    from cacheviz.errors import CachevizError
+
+    (tmp_path / "locks").write_text("a file where the lock folder goes")  # fails for root too, unlike chmod
+    with pytest.raises(CachevizError, match="lock file .* cannot be written"):
+        with build_lock(tmp_path, "x"):
+            pass
+
+
 def _evaluate(data: Path, out: Path) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "cacheviz", "evaluate", "--data-dir", str(data), "--device", "cpu",
                              "--json", str(out)], cwd=REPO, env=_env(), stdout=subprocess.PIPE,
