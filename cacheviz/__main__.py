@@ -12,14 +12,16 @@ status 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
+import shutil
 import sys
 import time
 import warnings
 from pathlib import Path
 
-from .config import COMBINE_TOP
+from .config import COMBINE_TOP, MAX_SEED
 from .errors import CachevizError
 
 # How this command line names the engine's parameters in messages (None: it has no such flag).
@@ -93,6 +95,11 @@ def _grid(text: str) -> tuple[int, int]:
     return t, l
 
 
+# The largest whole number any option may hold: beyond it torch and numpy overflow (a traceback),
+# where every count an option gives is far smaller anyway.
+MAX_WHOLE = 2**63 - 1
+
+
 def _whole(text: str, least: int) -> int:
     try:
         v = int(text)
@@ -100,6 +107,8 @@ def _whole(text: str, least: int) -> int:
         raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
     if v < least:
         raise argparse.ArgumentTypeError(f"{v} must be {'positive' if least == 1 else '0 or more'}")
+    if v > MAX_WHOLE:
+        raise argparse.ArgumentTypeError(f"{v} is too large (at most {MAX_WHOLE})")
     return v
 
 
@@ -120,6 +129,13 @@ def _number(text: str) -> float:
         raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
     if not math.isfinite(v):
         raise argparse.ArgumentTypeError(f"'{text}' is not a finite number")
+    return v
+
+
+def _share(text: str) -> float:
+    v = _number(text)
+    if not 0 < v <= 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a share above 0 and at most 1, e.g. 0.025")
     return v
 
 
@@ -189,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     kn.add_argument("--layer", default=None, help="the teacher layer whose keys it learns (default: layer3.0 for "
                                                   "the CIFAR ResNets, pool for digits-cnn)")
     kn.add_argument("--loss", choices=("triplet", "npair"), default="triplet", help="the second stage's loss")
-    kn.add_argument("--fraction", type=_number, default=0.025, help="the cache: this fraction of the training set "
+    kn.add_argument("--fraction", type=_share, default=0.025, help="the cache: this fraction of the training set "
                                                                    "(class-balanced; default 0.025, the seed's)")
     kn.add_argument("--epochs", default="6,3", help="regression and metric-learning epochs (default 6,3)")
     kn.add_argument("--timing-images", type=_positive, default=1000, help="test images timed (default 1000)")
@@ -273,6 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     sr = ssub.add_parser("remove", parents=[st_exp], help="remove items or a whole class: a new version")
     sr.add_argument("--ids", help="comma-separated item ids")
     sr.add_argument("--class", dest="label", help="every item of this class (index or name)")
+    sr.set_defaults(flag_names={"label": "--class"})  # messages name the flag typed, not add's --label
     ssub.add_parser("undo", parents=[st_exp], help="undo the latest edit: a new version equal to the one before it")
     sq = ssub.add_parser("query", parents=[st_exp], help="one image's nearest stored items and the answers")
     sq.add_argument("image", help="an image file")
@@ -400,14 +417,45 @@ def cmd_sweep_layers(args) -> int:
     return _run_rows(study, args, ["layer", "depth", "dim", "acc", "cache_only_acc", "baseline_acc", "theta", "lam"])
 
 
+# What each comma-separated list may hold: (least, most, whether the least itself is allowed, the
+# sentence's words, an example). Checked as the list is parsed, before anything loads, so no study
+# meets an infinite seed or a NaN fraction halfway through, and every subcommand refuses alike.
+LISTS = {
+    "fractions": (0, 1, True, "numbers from 0 to 1", "0,0.1,1"),
+    "taus": (0, 1, False, "thresholds above 0 and at most 1 (max p_mem)", "0.9,0.99"),
+    "seeds": (0, MAX_SEED, True, f"whole numbers from 0 to {MAX_SEED}", "0,1"),
+    "k": (1, MAX_WHOLE, True, "whole numbers from 1", "10,100"),
+    "ids": (0, MAX_WHOLE, True, "item ids (whole numbers from 0)", "1,2,3"),
+    "epochs": (0, MAX_WHOLE, True, "whole numbers from 0", "6,3"),
+    "epsilons": (-float("inf"), float("inf"), True, "finite numbers", "0,0.01,0.05"),
+}
+
+
 def _numbers(text: str, param: str, kind=float) -> list:
-    try:
-        values = [float(v) for v in _split_list(text)]
-        if kind is int and any(v != int(v) for v in values):
+    import math
+
+    least, most, least_ok, words, example = LISTS.get(param, (-math.inf, math.inf, True, "finite numbers", "0,0.1,1"))
+    if kind is int and param not in LISTS:
+        words = "whole numbers"
+
+    def parse(v: str):
+        try:
+            x = int(v) if kind is int else float(v)
+        except ValueError:
+            x = float(v)  # 1e3 is a whole number too; a word raises here
+            if kind is int and not (math.isfinite(x) and x == int(x)):
+                raise ValueError from None
+            x = kind(x)
+        if isinstance(x, float) and not math.isfinite(x):
+            raise ValueError  # nan and inf: no study can use them (and a huge int is no float)
+        if not ((least < x or (least_ok and x == least)) and x <= most):
             raise ValueError
+        return x
+
+    try:
+        return [parse(v) for v in _split_list(text)]
     except ValueError:
-        raise CachevizError("give comma-separated numbers, e.g. 0,0.1,1", param=param, value=text) from None
-    return [kind(v) for v in values]
+        raise CachevizError(f"give comma-separated {words}, e.g. {example}", param=param, value=text) from None
 
 
 def cmd_sweep_size(args) -> int:
@@ -502,6 +550,8 @@ def cmd_store(args) -> int:
     from .images import decode_upload
 
     what = args.store_command
+    if what == "add" and args.folder and args.images:  # adding only one would drop the other unsaid
+        raise CachevizError("give image files or --folder, not both", "run `store add` once for each")
     if what == "create":
         ks = _open_store(args, create=True)
         print(f"store {ks.path.name} at {ks.path}: version {ks.head.number}, {ks.head.n_live} items, "
@@ -689,18 +739,92 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
     print(f"warning: {message}", file=sys.stderr)
 
 
+def _preflight(args) -> None:
+    """What every subcommand needs, checked before any of them loads or computes anything."""
+    from . import env
+    from .rows import check_out_path
+    from .store import check_data_dir
+
+    env.check()
+    if hasattr(args, "data_dir"):  # its shape only: reading a stored result needs no write permission
+        check_data_dir(_data_dir(args), create=False)
+    if getattr(args, "out", None):
+        check_out_path(args.out)
+    if args.command == "evaluate" and args.json:
+        check_out_path(args.json, param="json", suffixes=())
+
+
+_DISK_ERRNOS = {errno.ENOSPC: "full", errno.EDQUOT: "full (over quota)", errno.EROFS: "read-only",
+                errno.EACCES: "forbidden", errno.EPERM: "forbidden"}
+# Writers that wrap the OS error in their own (safetensors, torch) keep only its words.
+_DISK_WORDS = {"No space left on device": errno.ENOSPC, "StorageFull": errno.ENOSPC,
+               "Disk quota exceeded": errno.EDQUOT, "Read-only file system": errno.EROFS}
+
+
+def _disk_error(exc: BaseException, args) -> CachevizError | None:
+    """A full, read-only or forbidden disk met anywhere in a command, as the sentence saying which
+    disk and where to go instead; None for any other error."""
+    code, filename, seen = None, None, set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen and code is None:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in _DISK_ERRNOS:
+            code, filename = e.errno, e.filename
+        else:
+            code = next((c for words, c in _DISK_WORDS.items() if words in str(e)), None)
+        e = e.__cause__ or e.__context__
+    if code is None:
+        return None
+    data = _data_dir(args) if hasattr(args, "data_dir") else None
+    outs = {flag: getattr(args, name, None) for flag, name in (("out", "out"), ("json", "json"))}
+    outs = {flag: Path(o).parent for flag, o in outs.items() if isinstance(o, str) and o != "-"}
+    places = ([("data_dir", data)] if data is not None else []) + list(outs.items())
+    if filename is not None:
+        # the file that failed names the place; its folder decides which option moves it
+        f = Path(os.fsdecode(filename)).resolve()
+        where = next((param for param, d in places if d.resolve() == f or d.resolve() in f.parents), None)
+        shown = f.parent if where is None else dict(places)[where]
+    elif places:
+        # a buffered write that failed at close names no file: the fullest disk of the places
+        # this command writes to is the one (for a read-only or forbidden one, the data folder)
+        def free(d: Path) -> int:
+            try:
+                return shutil.disk_usage(d).free
+            except OSError:
+                return 0
+
+        where, shown = min(places, key=lambda pd: free(pd[1])) if code in (errno.ENOSPC, errno.EDQUOT) else places[0]
+    else:
+        where, shown = None, Path(".")
+    full = code in (errno.ENOSPC, errno.EDQUOT)
+    if where is None:  # a file of no option's (a checkpoint, a temp folder): no option moves it
+        if code in (errno.EACCES, errno.EPERM):
+            return CachevizError(f"permission denied on {filename or shown}", "check its permissions")
+        return CachevizError(f"the disk holding {shown} is {_DISK_ERRNOS[code]}",
+                             "free space there" if full else "")
+    option = "{" + where + "}"
+    if code in (errno.EACCES, errno.EPERM):
+        return CachevizError(f"the folder {shown} is not writable to you", f"give {option} in a folder you can write to")
+    problem = f"the disk holding {shown} is {_DISK_ERRNOS[code]}"
+    if full:
+        return CachevizError(problem, f"free space or give {option} on another disk")
+    return CachevizError(problem, f"give {option} on a disk you can write to")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     commands = {"layers": cmd_layers, "models": cmd_models, "evaluate": cmd_evaluate,
                 "sweep-layers": cmd_sweep_layers, "sweep-size": cmd_sweep_size, "table1": cmd_table1, "attack": cmd_attack,
                 "jacobian": cmd_jacobian, "early": cmd_early, "incremental": cmd_incremental,
                 "keynet": cmd_keynet, "topk": cmd_topk, "store": cmd_store}
+    names = {**FLAGS, **getattr(args, "flag_names", {})}
     shown = warnings.showwarning
     warnings.showwarning = _show_warning  # a damaged stored file: one line, not a source listing
     try:
+        _preflight(args)
         return commands[args.command](args)
     except CachevizError as exc:
-        print(f"error: {exc.render(FLAGS)}", file=sys.stderr)
+        print(f"error: {exc.render(names)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; stored results are intact.", file=sys.stderr)
@@ -709,6 +833,10 @@ def main(argv: list[str] | None = None) -> int:
         print("error: out of memory; lower --train-limit or use --project-dim to shrink the keys.", file=sys.stderr)
         return 1
     except Exception as exc:  # the promise is: never a traceback for the user
+        disk = _disk_error(exc, args)
+        if disk is not None:  # the user's to fix, not a bug to report: no traceback even with --debug
+            print(f"error: {disk.render(names)}", file=sys.stderr)
+            return 2
         if args.debug:
             raise
         msg = str(exc).splitlines()[0] if str(exc) else ""

@@ -551,9 +551,26 @@ def _folder_source(canonical: str, root: Path) -> tuple[dict[str, Any], list[str
     return key, classes, files
 
 
+def _warn_empty_classes(root: Path, classes: list[str], files: dict[str, list]) -> None:
+    """One line naming the class folders without image files: such a class still counts among
+    the classes, yet the cache never holds it (train/) or it is never scored (test/), which
+    the accuracies alone do not show."""
+    empty = []
+    for part in ("train", "test"):
+        have = {f[1] for f in files[part]}
+        names = [c for i, c in enumerate(classes) if i not in have]
+        if names:
+            shown = ", ".join(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "")
+            empty.append(f"{shown} in {part}/")
+    if empty:
+        warnings.warn(f"Class folder(s) with no image files under {root}: {'; '.join(empty)} (a class empty in "
+                      "train/ is never in the cache, one empty in test/ is never scored).", stacklevel=3)
+
+
 def _load_folder(canonical: str, root: Path, data_dir: Path, progress: ProgressFn | None,
                  listing: tuple | None = None) -> Dataset:
     key, classes, files = listing or _folder_source(canonical, root)
+    _warn_empty_classes(root, classes, files)
     return _cached_dataset(canonical, key, data_dir, lambda: (_decode_folder(root, classes, files, progress), classes))
 
 

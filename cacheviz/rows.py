@@ -5,6 +5,7 @@ import csv
 import io
 import json
 import os
+import tempfile
 from pathlib import Path
 
 from .errors import CachevizError
@@ -43,6 +44,16 @@ def check_out_path(out: str, param: str = "out", suffixes: tuple[str, ...] = SUF
     if not os.access(parent, os.W_OK):
         raise CachevizError(f"the folder {parent} is not writable", "give a file in a writable folder",
                             param=param, value=out)
+    # os.access answers yes to root everywhere, /proc and read-only mounts included: only
+    # creating a file there (as the atomic write will, beside the target) tells for sure; named as
+    # the writer names its temps, so one left by a killed process is swept like theirs
+    try:
+        fd, probe = tempfile.mkstemp(dir=parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
+    except OSError as exc:
+        raise CachevizError(f"the folder {parent} does not take new files ({exc.strerror or type(exc).__name__})",
+                            "give a file in a folder you can write to", param=param, value=out) from None
+    os.close(fd)
+    os.unlink(probe)
 
 
 def write_rows(rows: list[dict], out: str) -> None:

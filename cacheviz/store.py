@@ -30,12 +30,24 @@ from .errors import CachevizError
 FORMAT_VERSION = 1
 
 
-def check_data_dir(path: str | os.PathLike) -> Path:
-    """The data directory, created if missing; one sentence if it cannot hold what is computed."""
+def check_data_dir(path: str | os.PathLike, create: bool = True) -> Path:
+    """The data directory, created if missing; one sentence if it cannot hold what is computed.
+
+    `create=False`: only refuse a path that can never be a folder (a file, or a path below one),
+    creating nothing and asking no write permission, for commands that may only read (a
+    stored result, a read-only mount).
+    """
     path = Path(path).expanduser()
     if path.exists() and not path.is_dir():
         raise CachevizError("that is a file, not a folder", "give a folder (it is created when missing)",
                             param="data_dir", value=str(path))
+    # "Not a directory" from mkdir alone leaves the user to find which part of the path is a file
+    blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise CachevizError(f"the folder cannot be created: {blocker} is a file, not a folder",
+                            "give a folder outside it", param="data_dir", value=str(path))
+    if not create:
+        return path
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

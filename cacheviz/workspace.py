@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from . import store
+from . import env, store
 from .cache import CacheMemory
 from .config import Setup
 from .data import Dataset, Split, inspect_classes, load_dataset, make_split
@@ -32,8 +32,9 @@ from .tuning import accuracy
 WRITE_BYTES_PER_S = 1e9
 # Stored features are a cache of extraction, not results: they stay within this many bytes
 # (least recently used go first; CACHEVIZ_FEATURE_BUDGET_GB overrides) and within half of the
-# disk's free space, and are not written at all when the disk is nearly full.
-FEATURE_BUDGET_BYTES = int(float(os.environ.get("CACHEVIZ_FEATURE_BUDGET_GB", "16")) * 2**30)
+# disk's free space, and are not written at all when the disk is nearly full. None: the variable's
+# value, read when a study starts (env.feature_budget_bytes), so a bad one breaks no import.
+FEATURE_BUDGET_BYTES: int | None = None
 DISK_RESERVE_BYTES = 2 * 2**30
 # Share of a GPU's free memory one study's features may take before they live on the host.
 DEVICE_FEATURE_SHARE = 0.5
@@ -164,7 +165,8 @@ class Workspace:
         paths = {layer: self._feature_path(layer, metas[layer]) for layer in got}
         for layer, x in got.items():
             store.save_tensors(paths[layer], {"x": x}, metas[layer])
-        store.prune_lru(folder, FEATURE_BUDGET_BYTES, keep={str(p) for p in paths.values()}, free_share=0.5)
+        budget = FEATURE_BUDGET_BYTES if FEATURE_BUDGET_BYTES is not None else env.feature_budget_bytes()
+        store.prune_lru(folder, budget, keep={str(p) for p in paths.values()}, free_share=0.5)
 
     def _feature_path(self, layer: str, meta: dict) -> Path:
         slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{self.spec.name}-{layer}")
@@ -181,6 +183,7 @@ def prepare(
     """Load data and model and check they fit together."""
     if not 1 <= batch_size <= MAX_BATCH:
         raise CachevizError(f"give a whole number from 1 to {MAX_BATCH}", param="batch_size", value=batch_size)
+    env.feature_budget_bytes()  # a bad setting refused now, not after the features are extracted
     data_dir = Path(data_dir)
     dev = resolve_device(device)
     spec = load_model(setup.model, data_dir, checkpoint=setup.checkpoint, progress=progress)

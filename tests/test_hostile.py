@@ -7,11 +7,14 @@ README gives the corpus's size: `python -m pytest tests/test_hostile.py --collec
 """
 from __future__ import annotations
 
+import errno
 import io
 import os
 import pickle
 import shutil
 import struct
+import subprocess
+import sys
 import zipfile
 import zlib
 from pathlib import Path
@@ -411,6 +414,160 @@ def test_names_cannot_reach_outside_the_data_directory(ddir, tmp_path, capsys):
         assert ddir in p.resolve().parents or p.resolve() == ddir
 
 
+# ---------------------------------------------------------------------------------------------
+# Lists, shares and huge counts: refused as they are parsed, before anything loads, with the flag
+
+
+LISTS = {
+    "seeds-infinite": (["sweep-size", "--seeds", "inf"], "--seeds inf"),
+    "seeds-nan": (["sweep-size", "--seeds", "nan"], "--seeds nan"),
+    "seeds-negative": (["sweep-size", "--seeds", "-1"], "--seeds -1: give comma-separated whole numbers from 0"),
+    "seeds-huge": (["sweep-size", "--seeds", "1e30"], "--seeds 1e30"),
+    "fractions-nan": (["sweep-size", "--fractions", "0,nan"], "--fractions 0,nan"),
+    "early-fractions-infinite": (["early", "--fractions", "inf"], "--fractions inf"),
+    "taus-above-one": (["early", "--taus", "2"], "--taus 2: give comma-separated thresholds above 0 and at most 1"),
+    "taus-nan": (["early", "--taus", "0.9,nan"], "--taus 0.9,nan"),
+    "k-infinite": (["topk", "--k", "inf"], "--k inf"),
+    "k-huge": (["topk", "--k", "1e30"], "--k 1e30"),
+    "epochs-infinite": (["keynet", "--epochs", "inf,1"], "--epochs inf,1"),
+    "epochs-huge": (["keynet", "--epochs", "1e30,1"], "--epochs 1e30,1"),
+    "fraction-nan": (["keynet", "--fraction", "nan"], "--fraction: 'nan' is not a finite number"),
+    "fraction-above-one": (["keynet", "--fraction", "2"], "--fraction: 2 is not a share above 0 and at most 1"),
+    "epsilons-nan": (["attack", "--attack", "fgsm", "--epsilons", "0,nan"], "--epsilons 0,nan"),
+    "project-dim-huge": (["evaluate", "--project-dim", str(10**30)], "--project-dim: 1000"),
+    "out-unwritable": (["sweep-size", "--out", "/proc/x.json"], "--out /proc/x.json: the folder /proc"),
+    "json-unwritable": (["evaluate", "--json", "/proc/x.json"], "--json /proc/x.json: the folder /proc"),
+}
+
+
+@pytest.mark.parametrize("case", list(LISTS))
+def test_lists_and_shares(case, ddir, capsys):
+    argv, words = LISTS[case]
+    if "/proc/" in words and not Path("/proc").is_dir():
+        pytest.skip("needs /proc, a folder where nobody (root included) can create files")
+    _fails_cleanly(capsys, ddir, [*argv, "--data-dir", str(ddir)], words)
+
+
+# ---------------------------------------------------------------------------------------------
+# The environment, the disk and the knowledge store's own files
+
+
+def test_a_bad_feature_budget_is_one_sentence_and_breaks_no_import(ddir, capsys, monkeypatch):
+    monkeypatch.setenv("CACHEVIZ_FEATURE_BUDGET_GB", "abc")
+    _fails_cleanly(capsys, ddir, ["evaluate", "--data-dir", str(ddir)],
+                   "CACHEVIZ_FEATURE_BUDGET_GB='abc' is not a number of gigabytes; set it to one, e.g. "
+                   "CACHEVIZ_FEATURE_BUDGET_GB=16")
+    # read at import it broke every page's import (the app's and the engine's modules alike)
+    env = dict(os.environ, CACHEVIZ_FEATURE_BUDGET_GB="abc")
+    p = subprocess.run([sys.executable, "-c", "import cacheviz.workspace, cacheviz.study, cacheviz.ui"],
+                       capture_output=True, text=True, env=env, timeout=120, cwd=Path(__file__).resolve().parents[1])
+    assert p.returncode == 0, p.stderr
+
+
+@pytest.fixture
+def full_disk(tmp_path, monkeypatch):
+    """A folder whose disk has no space left: a 1 MB tmpfs filled up (as root, where mounting
+    works), else atomic writes that fail as they would there."""
+    from cacheviz import store
+
+    d = tmp_path / "full"
+    d.mkdir()
+    mounted = (hasattr(os, "geteuid") and os.geteuid() == 0 and shutil.which("mount") is not None
+               and subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(d)],
+                                  capture_output=True).returncode == 0)
+    if not mounted:
+        def no_space(path):  # every atomic write (results, features, --json) goes through here
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+        monkeypatch.setattr(store, "_atomic_target", no_space)
+
+    def fill():
+        if mounted:
+            with open(d / "filler", "wb") as f:
+                try:
+                    while True:
+                        f.write(b"\0" * 65536)
+                        f.flush()
+                except OSError as exc:
+                    assert exc.errno == errno.ENOSPC
+
+    try:
+        yield d, fill
+    finally:
+        if mounted:
+            subprocess.run(["umount", "-l", str(d)], capture_output=True)
+
+
+def test_a_full_disk_is_one_sentence_naming_it(ddir, full_disk, capsys):
+    d, fill = full_disk
+    # the data directory's disk: the digits network copied in first, so nothing trains
+    data = d / "data"
+    (data / "checkpoints").mkdir(parents=True)
+    for ck in (ddir / "checkpoints").glob("digits-cnn*"):
+        shutil.copy(ck, data / "checkpoints" / ck.name)
+    fill()
+    _fails_cleanly(capsys, data, ["evaluate", "--data-dir", str(data), "--train-limit", "200"],
+                   f"the disk holding {data} is full; free space or give --data-dir on another disk")
+    # the output's disk: the stored result is read from the data directory, the file cannot be written
+    _fails_cleanly(capsys, ddir, ["evaluate", "--data-dir", str(ddir), "--json", str(d / "r.json")],
+                   f"is full; free space or give --json on another disk")
+    assert not (d / "r.json").exists() and not list(d.rglob("*.tmp"))
+
+
+def test_a_data_dir_below_a_file_is_one_sentence_for_every_command(ddir, tmp_path, capsys):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    for argv in (["store", "create"], ["store", "list"], ["sweep-size"], ["layers", "--model", "digits-cnn"]):
+        _fails_cleanly(capsys, ddir, [*argv, "--data-dir", str(a_file / "sub")],
+                       f"the folder cannot be created: {a_file} is a file, not a folder")
+
+
+@pytest.fixture(scope="module")
+def knowledge(ddir):
+    """The digits setup's knowledge store (100 items), in the shared data directory."""
+    assert main(["store", "create", "--data-dir", str(ddir), "--train-limit", "100"]) == 0
+    return ["--data-dir", str(ddir), "--train-limit", "100"]
+
+
+def test_store_commands_name_the_flag_typed_and_refuse_what_they_would_drop(ddir, knowledge, tmp_path, capsys):
+    _fails_cleanly(capsys, ddir, ["store", "remove", "--class", "zebra", *knowledge],
+                   "--class zebra: 'zebra' is not a class of this store")
+    _fails_cleanly(capsys, ddir, ["store", "remove", "--ids", "1e30", *knowledge], "--ids 1e30")
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    Image.fromarray(GOOD).save(folder / "a.png")
+    # adding the folder alone dropped the file without a word
+    _fails_cleanly(capsys, ddir, ["store", "add", "--label", "0", "--folder", str(folder), str(folder / "a.png"),
+                                  *knowledge], "give image files or --folder, not both")
+
+
+def test_a_store_with_a_damaged_meta_json_says_so(tmp_path, capsys):
+    from cacheviz.kstore import stores_dir
+
+    data = tmp_path / "data"
+    meta = stores_dir(data) / "broken" / "meta.json"
+    meta.parent.mkdir(parents=True)
+    for damage in (b'{"setup": {"dataset": "dig', b"", b"[1, 2]"):
+        meta.write_bytes(damage)
+        # "create it", the old advice, stops at this same file
+        _fails_cleanly(capsys, data, ["store", "list", "--store", "broken", "--data-dir", str(data)],
+                       "knowledge store broken's meta.json")
+        assert meta.read_bytes() == damage
+
+
+def test_a_folder_dataset_with_empty_classes_is_evaluated_with_a_warning(ddir, tmp_path, capsys):
+    root = _digit_tree(tmp_path / "tree", n=6)
+    for f in (root / "train" / "3").iterdir():
+        f.unlink()
+    shutil.rmtree(root / "test" / "5")
+    rc = main(["evaluate", "--dataset", f"folder:{root}", "--model", "digits-cnn", "--data-dir", str(ddir)])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    warned = [line for line in err.splitlines() if line.startswith("warning:") and "no image files" in line]
+    assert len(warned) == 1 and "3 in train/" in warned[0] and "5 in test/" in warned[0], err
+
+
 def test_corpus_is_large_enough():
-    n = (len(UPLOADS) + len(CHECKPOINTS) + len(FOLDERS) + 5 + len(NUMBERS) + len(SWEEP_NUMBERS) + 7 + 2)
+    n = (len(UPLOADS) + len(CHECKPOINTS) + len(FOLDERS) + 5 + len(NUMBERS) + len(SWEEP_NUMBERS) + 7 + 2
+         + len(LISTS) + 2 + 2 + 4 + 3 + 3 + 1)
     assert n >= 50, n
