@@ -295,6 +295,11 @@ def build_parser() -> argparse.ArgumentParser:
     sq.add_argument("image", help="an image file")
     sq.add_argument("--k", type=_positive, default=10, help="neighbours shown (default 10)")
     sq.add_argument("--version", type=_positive, help="query this version (default: the latest)")
+    srp = ssub.add_parser("repair", parents=[st_exp],
+                          help="bring a damaged store back from the copies it keeps: manifests from their journal "
+                               "copies, the database from the key segments, a key segment from the database")
+    srp.add_argument("--accept-loss", action="store_true",
+                     help="replace a version none of whose copies survives by a version equal to the one before it")
     return p
 
 
@@ -502,6 +507,7 @@ def cmd_topk(args) -> int:
 
 def _open_store(args, create: bool = False):
     from .kstore import KnowledgeStore, store_name, stores_dir
+    from .store import file_sha256
 
     setup = _setup(args, project_dim=args.project_dim)
     where = _data_dir(args)
@@ -517,7 +523,9 @@ def _open_store(args, create: bool = False):
         raise CachevizError("this setup has no knowledge store yet",
                             f"create it first: python -m cacheviz store create --dataset {setup.dataset} "
                             f"--model {setup.model}" + (f" --layers {','.join(setup.layers)}" if setup.layers else ""))
-    return KnowledgeStore.open(name, where)
+    # a named checkpoint must be the one the store's keys came from
+    expect = file_sha256(setup.checkpoint) if setup.checkpoint and Path(setup.checkpoint).is_file() else None
+    return KnowledgeStore.open(name, where, expect_weights=expect)
 
 
 def _label(ks, text: str | None) -> int:
@@ -556,6 +564,14 @@ def cmd_store(args) -> int:
         ks = _open_store(args, create=True)
         print(f"store {ks.path.name} at {ks.path}: version {ks.head.number}, {ks.head.n_live} items, "
               f"{ks.dim}-d keys, theta {ks.theta:g}, lam {ks.lam:g}")
+        return 0
+    if what == "repair":
+        from .krepair import repair
+        from .kstore import store_name
+
+        name = args.store or store_name(_setup(args, project_dim=args.project_dim))
+        for line in repair(name, _data_dir(args), accept_loss=args.accept_loss):
+            print(line)
         return 0
     ks = _open_store(args)
     if what == "list":
