@@ -160,7 +160,7 @@ def _server_client(client_cls, uri: str, token: str, fresh: bool = False):
 def _close_quietly(c) -> None:
     try:
         c.close()
-    except Exception:  # noqa: BLE001 - closing a dead channel may fail; it is being dropped anyway
+    except Exception:  # noqa: BLE001, S110 - closing a dead channel may fail; it is being dropped anyway
         pass
 
 
@@ -228,11 +228,11 @@ def db(path: Path) -> Iterator[object]:
 def connect(client_cls, uri: str, token: str = ""):
     try:
         return client_cls(uri, token=token) if token else client_cls(uri)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - what the client raised, sorted below
         if uri.startswith(("http://", "https://", "tcp://", "unix:", "grpc://")):
             raise _failure(exc, None) from None
         raise CachevizError(f"the store's database at {redact(uri)} could not be opened ({_reason(exc)})",
-                            "close the other program using it", "or point CACHEVIZ_MILVUS_URI at a Milvus server"
+                            "close the other program using it", "point CACHEVIZ_MILVUS_URI at a Milvus server"
                             ) from None
 
 
@@ -328,13 +328,14 @@ def copy_rows(client, src: str, dst: str, below: int, batch: int = 1000, then_fl
     return done
 
 
-FLUSH_RETRY_S = 30.0
+FLUSH_RETRY_S = 45.0  # a restarted server's old data-node session lives 30 s (common.session.ttl)
 
 
 def flush(client, coll: str, retry_s: float = FLUSH_RETRY_S) -> None:
     """`client.flush(coll)`, retried for up to `retry_s` while the server is only briefly unable
-    to: for about ten seconds after a Milvus 2.3 standalone restarts, its data coordinator still
-    assigns the channels to the data node of before and flush answers "node not found"."""
+    to: for up to half a minute after a Milvus 2.3 standalone restarts, its data coordinator still
+    assigns the channels to the data node of before (until that node's etcd session expires,
+    `common.session.ttl`, 30 s by default) and flush answers "node not found"."""
     deadline = time.monotonic() + retry_s
     while True:
         try:
