@@ -149,7 +149,8 @@ class MilvusTestServer:
 
     def _wait_healthy(self, timeout: float) -> None:
         """Until /healthz says OK and a client can list collections; RuntimeError past `timeout`."""
-        deadline = time.monotonic() + max(timeout, 1.0)
+        timeout = max(timeout, 1.0)
+        deadline = time.monotonic() + timeout
         last = "no answer yet"
         while time.monotonic() < deadline:
             if self.proc is None or self.proc.poll() is not None:
