@@ -143,7 +143,8 @@ def repair(name_or_path: str | os.PathLike, data_dir: str | os.PathLike, accept_
                 rows = []
                 for s in range(a, b, INSERT_BATCH):
                     rows += client.query(coll, filter=f"id >= {s} and id < {min(b, s + INSERT_BATCH)}",
-                                         output_fields=["id", "key", "label", "source", "task"])
+                                         output_fields=["id", "key", "label", "source", "task"],
+                                         consistency_level="Strong")
             rows.sort(key=lambda x: int(x["id"]))
             if [int(x["id"]) for x in rows] != list(range(a, b)):
                 raise CachevizError(f"knowledge store {p.name}: the key segment of items {a} to {b - 1} is damaged and "
@@ -220,7 +221,7 @@ def _rebuild_db(ks: "KnowledgeStore", meta: dict) -> str:
                                       "task": int(info.get("task", 0)), "version": int(info.get("version",
                                                                                                  version_of.get(first, 0)))}
                                      for i in range(s, e)])
-        client.flush(coll)
+        kdb.flush(client, coll)
     if new_meta is not None:
         store.atomic_write_json(p / kversions.JOURNAL / "meta.json", new_meta)
         store.atomic_write_json(p / "meta.json", new_meta)

@@ -310,6 +310,9 @@ class KnowledgeStore:
                     raise CachevizError(f"a folder named {name} that is not a store is in the way",
                                         "give the store another --name") from exc
                 shutil.rmtree(final)  # a create from before creates were atomic, killed before its meta
+        if kdb.is_server():  # a server that is down fails the create now, not after minutes of features
+            with kdb.db(root):
+                pass
         rep.stage(Stage.LOAD)
         ws = prepare(setup.replace(flip=False), data_dir, device, progress=rep.step)
         data = ExperimentData(ws, ws.layers, rep)
@@ -539,7 +542,7 @@ class KnowledgeStore:
                 have = kdb.count_rows(client, coll, n)
                 probe = sorted({0, n // 3, n // 2, n - 1} & set(range(n)))
                 rows = client.query(coll, filter=f"id in [{','.join(map(str, probe))}]",
-                                    output_fields=["id", "key", "label"]) if probe else []
+                                    output_fields=["id", "key", "label"], consistency_level="Strong") if probe else []
         except CachevizError:
             if kdb.is_server():
                 raise  # the server's own sentence (down, refused): not damage to this store
@@ -661,7 +664,7 @@ class KnowledgeStore:
                     _crash_point("insert")
                     if progress:
                         progress.step(e, n, "rows")
-                client.flush(coll)
+                kdb.flush(client, coll)  # retried while a restarted server's data node re-registers
             _crash_point("commit")
             return self._commit(v)
 
@@ -923,7 +926,8 @@ class KnowledgeStore:
         with kdb.db(self.path) as client:
             kdb.load(client, coll)
             res = client.search(coll, data=[r.tolist() for r in q], limit=min(k, len(live)), filter=expr,
-                                search_params={"metric_type": "IP"}, output_fields=["id"])
+                                search_params={"metric_type": "IP"}, output_fields=["id"],
+                                consistency_level="Strong")  # rows another process just wrote
         d = np.full((len(q), k), -np.inf, np.float32)
         ids = np.full((len(q), k), -1, np.int64)
         for r, hits in enumerate(res):

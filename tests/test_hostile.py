@@ -512,7 +512,7 @@ def test_a_full_disk_is_one_sentence_naming_it(ddir, full_disk, capsys):
                    f"the disk holding {data} is full; free space or give --data-dir on another disk")
     # the output's disk: the stored result is read from the data directory, the file cannot be written
     _fails_cleanly(capsys, ddir, ["evaluate", "--data-dir", str(ddir), "--json", str(d / "r.json")],
-                   f"is full; free space or give --json on another disk")
+                   "is full; free space or give --json on another disk")
     assert not (d / "r.json").exists() and not list(d.rglob("*.tmp"))
 
 
