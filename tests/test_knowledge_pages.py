@@ -109,3 +109,27 @@ def test_create_forget_undo_and_teach(env, entry):
         [w.value for w in at.warning]
     assert at.button(key="ks_add").disabled
     assert _metric(at, "Version") == "4"
+
+
+def test_what_a_killed_create_leaves_never_blocks_the_page(app_dir, monkeypatch, entry):
+    """A create killed mid-way (its hidden folder, or a half-made store of the old layout with a
+    meta.json and no version) shows the create button again, not an error with no way out."""
+    import json
+
+    from cacheviz import kstore
+    from cacheviz.config import Setup
+
+    d = app_dir.parent / "killed-create"
+    monkeypatch.setenv("CACHEVIZ_DATA_DIR", str(d))
+    name = kstore.store_name(Setup())
+    hidden = d / "stores" / f".creating-{name}.999999999.abc"
+    hidden.mkdir(parents=True)
+    (hidden / "meta.json").write_text("{}")
+    half = d / "stores" / name
+    half.mkdir()
+    (half / "meta.json").write_text(json.dumps({"name": name, "setup": Setup().to_dict(), "layers": [], "dim": 8,
+                                                "classes": [str(c) for c in range(10)], "theta": 1, "lam": 0.5,
+                                                "theta_cache_only": 1, "weights": "x", "format": 1}))
+    at = open_page(entry, "knowledge.py")
+    no_problems(at)
+    assert at.button(key="ks_create")

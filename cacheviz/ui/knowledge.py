@@ -7,7 +7,6 @@ store and the teacher publishes a branch to the class store ("main")."""
 from __future__ import annotations
 
 import functools
-import os
 import re
 from pathlib import Path
 
@@ -371,11 +370,7 @@ def _store_folder(ks: kstore.KnowledgeStore) -> str:
 
 def where_it_lives(ks: kstore.KnowledgeStore) -> str:
     folder = _store_folder(ks)
-    uri = os.environ.get("CACHEVIZ_MILVUS_URI")
-    describe = getattr(kdb, "describe_uri", None)  # until it lands (kdb's change), the same words here
-    db = describe(Path(folder)) if describe else (f"the Milvus server at {uri}" if uri else
-                                                  f"the Milvus Lite file {folder}/items.db")
-    db = shown(db).replace("`", "'")  # a code span: shown literally, whatever a URI holds
+    db = shown(kdb.describe_uri(Path(folder))).replace("`", "'")  # a code span: shown literally, whatever a URI holds
     return (f"Database: `{db}`; versions, key segments and added images under `{folder}` in the data "
             f"directory. Top-k search: FAISS ({ks.index_kind}) over the live items.")
 

@@ -8,13 +8,7 @@ from pathlib import Path
 
 from ..errors import CachevizError
 
-try:
-    from ..kdb import redact
-except ImportError:  # pragma: no cover - kdb.redact lands with the Milvus server work; the same rule until then
-    def redact(text: str) -> str:
-        text = re.sub(r"(\b[A-Za-z][A-Za-z0-9+.-]*://[^\s:/@]+:)[^\s@/]+@", r"\1***@", str(text))
-        token = os.environ.get("CACHEVIZ_MILVUS_TOKEN", "")
-        return text.replace(token, "***") if token else text
+from ..kdb import redact
 
 # Engine parameter -> the widget (or the place) a user of the app changes it with; None: the
 # app has no such control, so a fix that needs it is left out of the sentence.
