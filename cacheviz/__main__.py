@@ -427,7 +427,8 @@ def cmd_sweep_layers(args) -> int:
 # meets an infinite seed or a NaN fraction halfway through, and every subcommand refuses alike.
 LISTS = {
     "fractions": (0, 1, True, "numbers from 0 to 1", "0,0.1,1"),
-    "taus": (0, 1, False, "thresholds above 0 and at most 1 (max p_mem)", "0.9,0.99"),
+    # tau 0: every image answers at the exit (the truncated network); 1: only a certain p_mem does
+    "taus": (0, 1, True, "thresholds from 0 to 1 (max p_mem)", "0.9,0.99"),
     "seeds": (0, MAX_SEED, True, f"whole numbers from 0 to {MAX_SEED}", "0,1"),
     "k": (1, MAX_WHOLE, True, "whole numbers from 1", "10,100"),
     "ids": (0, MAX_WHOLE, True, "item ids (whole numbers from 0)", "1,2,3"),

@@ -135,7 +135,7 @@ def test_early_study_and_cli_rows(data_dir, tmp_path):
     from cacheviz.__main__ import main
 
     out = tmp_path / "e.json"
-    assert main(["early", "--data-dir", str(data_dir), "--fractions", "0.1,1", "--taus", "0,0.9,1.5",
+    assert main(["early", "--data-dir", str(data_dir), "--fractions", "0.1,1", "--taus", "0,0.9,1",
                  "--timing-images", "100", "--reps", "1", "--out", str(out)]) == 0
     rows = json.loads(out.read_text())
     full = [r for r in rows if r["layer"] == "full"]
@@ -151,8 +151,8 @@ def test_early_study_and_cli_rows(data_dir, tmp_path):
         if tau == 0:
             t = [x for x in trunc if x["layer"] == layer and x["cache_fraction"] == frac][0]
             assert r["exit_share"] == 1.0 and r["accuracy"] == pytest.approx(t["accuracy"])
-        if tau == 1.5:
-            assert r["exit_share"] == 0.0 and r["accuracy"] == pytest.approx(full[0]["accuracy"])
+        if tau == 1:  # a stricter gate lets fewer images leave early
+            assert r["exit_share"] <= gated[(layer, frac, 0.9)]["exit_share"]
     assert any(r["mode"] == "cascade" for r in rows)
     # bad input: one sentence, exit status 2
     assert main(["early", "--data-dir", str(data_dir), "--layers", "conv9"]) == 2

@@ -427,7 +427,7 @@ LISTS = {
     "seeds-huge": (["sweep-size", "--seeds", "1e30"], "--seeds 1e30"),
     "fractions-nan": (["sweep-size", "--fractions", "0,nan"], "--fractions 0,nan"),
     "early-fractions-infinite": (["early", "--fractions", "inf"], "--fractions inf"),
-    "taus-above-one": (["early", "--taus", "2"], "--taus 2: give comma-separated thresholds above 0 and at most 1"),
+    "taus-above-one": (["early", "--taus", "2"], "--taus 2: give comma-separated thresholds from 0 to 1"),
     "taus-nan": (["early", "--taus", "0.9,nan"], "--taus 0.9,nan"),
     "k-infinite": (["topk", "--k", "inf"], "--k inf"),
     "k-huge": (["topk", "--k", "1e30"], "--k 1e30"),
