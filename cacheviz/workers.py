@@ -76,7 +76,9 @@ def _worker_main(tasks, events, parent: int) -> None:
         except MemoryError:
             events.put((job_id, "memory", None))
         except Exception as exc:
-            traceback.print_exc(file=sys.stderr)
+            from .kdb import redact
+
+            sys.stderr.write(redact(traceback.format_exc()))  # the server log: no credential in it
             events.put((job_id, "crash", type(exc).__name__))
 
 

@@ -9,6 +9,7 @@ name."""
 from __future__ import annotations
 
 import io
+import sys
 
 import numpy as np
 import pytest
@@ -277,3 +278,21 @@ def test_file_names_are_inert(role_off, entry):
     assert any("evil" in m for m in markdown)
     assert not [m for m in markdown if "[x](" in m]
 
+
+
+def test_the_server_log_never_holds_a_credential(monkeypatch):
+    """Even an unforeseen error's traceback, logged by the app, has its password masked."""
+    import logging
+
+    from cacheviz import ui  # noqa: F401 - configures the app's log handler
+
+    monkeypatch.setenv("CACHEVIZ_MILVUS_TOKEN", "tok-123456")
+    log = logging.getLogger("cacheviz.app")
+    handler = log.handlers[0]
+    try:
+        raise RuntimeError("cannot reach http://admin:secret@db.example:19530 with token tok-123456")
+    except RuntimeError:
+        rec = log.makeRecord(log.name, logging.ERROR, __file__, 1, "job failed", (), sys.exc_info())
+    text = handler.format(rec)
+    assert "RuntimeError" in text and "db.example" in text
+    assert "secret" not in text and "tok-123456" not in text

@@ -48,12 +48,22 @@ from .studies import (EXACT_LIMIT_GB, SWEEP_DIMS, cli_flags, compare_defaults, l
 from .tables import (export_buttons, layer_table, parse_numbers, pct, size_summary_table, size_table,
                      table1_wide)
 
+class _RedactingFormatter(_logging.Formatter):
+    """A server log is read by more people than its operator: no password or token in it, even
+    inside a traceback of an error nobody foresaw."""
+
+    def format(self, record: _logging.LogRecord) -> str:
+        from ..kdb import redact
+
+        return redact(super().format(record))
+
+
 # The app's own log: errors always; CACHEVIZ_LOG_LEVEL=INFO adds jobs' stages and when each
 # session's run had its result (benchmarks/load.py reads them); an unknown level means WARNING.
 _log = _logging.getLogger("cacheviz.app")
 if not _log.handlers:
     _handler = _logging.StreamHandler()
-    _handler.setFormatter(_logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    _handler.setFormatter(_RedactingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     _log.addHandler(_handler)
     _level = _os.environ.get("CACHEVIZ_LOG_LEVEL", "WARNING").upper()
     _log.setLevel(_level if _level in ("DEBUG", "INFO", "WARNING", "ERROR") else "WARNING")
