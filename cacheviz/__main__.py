@@ -200,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     ea.add_argument("--reps", type=_positive, default=3, help="timed runs of each model, median taken (default 3)")
     ea.add_argument("--out", metavar="OUT", help=out_help)
 
-    kn = sub.add_parser("keynet", parents=[exp], help="train a key network for a layer's cache (seed 003) and "
+    kn = sub.add_parser("keynet", parents=[exp], help="train a key network for a layer's cache (a learned hash into its key space) and "
                                                       "compare it with the network")
     kn.add_argument("--layer", default=None, help="the teacher layer whose keys it learns (default: layer3.0 for "
                                                   "the CIFAR ResNets, pool for digits-cnn)")
@@ -263,14 +263,14 @@ def build_parser() -> argparse.ArgumentParser:
     jp.add_argument("--out", metavar="OUT", help=out_help)
 
     tk = sub.add_parser("topk", parents=[exp], help="p_mem from the k most similar items: accuracy against k, "
-                                                    "exact or approximate index (issue 11)")
+                                                    "exact or approximate index")
     tk.add_argument("--layers", help="comma-separated key layers (default: the model's own defaults)")
     tk.add_argument("--project-dim", type=_positive, help="random-project layers wider than D to D dimensions")
     tk.add_argument("--k", default="10,30,100,300,1000,3000,10000,50000", help="comma-separated k (items retrieved)")
     tk.add_argument("--index", default="exact", help="exact, ivf or hnsw (FAISS; default exact)")
     tk.add_argument("--out", metavar="OUT", help=out_help)
 
-    sp = sub.add_parser("store", help="the knowledge store: create, list, add, remove, undo, query (issue 11)")
+    sp = sub.add_parser("store", help="the knowledge store: create, list, add, remove, undo, query, repair")
     ssub = sp.add_subparsers(dest="store_command", required=True)
     st_exp = argparse.ArgumentParser(add_help=False, parents=[exp])
     st_exp.add_argument("--layers", help="comma-separated key layers (default: the model's own defaults)")

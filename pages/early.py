@@ -1,4 +1,4 @@
-"""Answer early (seed 003): a cache inside the network answers before the last layers run."""
+"""Answer early: a cache inside the network answers before the last layers run."""
 from pathlib import Path
 
 import streamlit as st
@@ -68,7 +68,7 @@ with ui.experiment_page("ea", "Answer early", INTRO) as choice:
 
     # -----------------------------------------------------------------------------------------
     st.header("Learned key networks")
-    st.markdown("Seed 003's *hash* networks: a small CNN (six convolutions) trained to map an image straight into "
+    st.markdown("The *hash* networks of a student project on caching inside DNNs: a small CNN (six convolutions) trained to map an image straight into "
                 "the cache's key space at one layer — first regressing the network's keys there, then fine-tuned "
                 "on the labels with a triplet or an N-pair loss — so a query skips the network altogether and "
                 "looks up the same cache.")

@@ -84,7 +84,7 @@ def keynet_study(choice: Choice, layer: str, loss: str, fraction: float, epochs:
 
 def keynet_tables(rows: list[dict]) -> tuple[list[dict], list[dict]]:
     """(one row per model: accuracy, ms per image, parameters; one row per robustness condition
-    with each model's accuracy) — seed 003's table, remade."""
+    with each model's accuracy) — the student project's table, remade."""
     names = {"network": "network (whole)", "keynet": "key network + cache", "truncated": "network to the layer + cache"}
     main = [{"model": names.get(r["model"], r["model"]), "accuracy (%)": pct(r["accuracy"]),
              "ms / image": r["ms_per_image"], "parameters": r["params"], "cache items": r["n_cache"],
