@@ -13,6 +13,7 @@ import threading
 import json
 import os
 import shutil
+import socket
 import tempfile
 import warnings
 import zlib
@@ -73,6 +74,10 @@ def config_hash(config: dict[str, Any]) -> str:
 # Files in the data directory are readable by everyone who shares it (the app's users).
 FILE_MODE = 0o644
 _TMP_SUFFIX = ".tmp"
+# A temp file's name carries its writer's host as well as its process id: a data directory shared
+# by servers on several machines must not have one machine sweep another's write in progress
+# (a process id means something only on the host that made it).
+_HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
 _SWEPT: set[str] = set()
 
 
@@ -86,7 +91,7 @@ def _atomic_target(path: str | os.PathLike) -> Iterator[str]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     sweep_stale_temps(path.parent)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=_TMP_SUFFIX)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}h{_HOST}.", suffix=_TMP_SUFFIX)
     os.close(fd)
     try:
         yield tmp
@@ -128,7 +133,11 @@ def sweep_stale_temps(folder: str | os.PathLike, force: bool = False) -> list[st
         if not (e.name.startswith(".") and e.name.endswith(_TMP_SUFFIX)):
             continue
         parts = e.name[: -len(_TMP_SUFFIX)].split(".")  # "", name..., pid, random
-        pid = int(parts[-2]) if len(parts) >= 4 and parts[-2].isdigit() else None
+        tag = parts[-2] if len(parts) >= 4 else ""
+        pid_text, _, host = tag.partition("h")
+        if host and host != _HOST:
+            continue  # another machine's writer: only that machine can tell whether it is alive
+        pid = int(pid_text) if pid_text.isdigit() else None
         if pid is not None and pid != os.getpid() and not _pid_alive(pid):
             try:
                 os.unlink(e.path)

@@ -126,3 +126,25 @@ def test_feature_store_stays_within_its_budget(tmp_path, monkeypatch):
         got = ws.features("test", idx, ["pool"])
     assert got["pool"].shape[0] == 200
     assert len(list((tmp_path / "features").glob("*.safetensors"))) == 1
+
+
+def test_stale_temps_are_swept_only_when_their_writer_is_known_dead(tmp_path):
+    """A dead writer of this host: swept. Another host's writer (a data directory shared by two
+    machines): kept, since its process id means nothing here. Old names (no host): this host's."""
+    import subprocess
+    import sys
+
+    from cacheviz import store
+
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    dead = p.pid
+    mine = tmp_path / f".r.json.{dead}h{store._HOST}.abc123.tmp"
+    other = tmp_path / f".r.json.{dead}h{'0' * 8 if store._HOST != '0' * 8 else '1' * 8}.abc123.tmp"
+    old = tmp_path / f".r.json.{dead}.abc123.tmp"
+    alive = tmp_path / f".r.json.{os.getppid()}h{store._HOST}.abc123.tmp"
+    for f in (mine, other, old, alive):
+        f.write_text("x")
+    store.sweep_stale_temps(tmp_path, force=True)
+    assert not mine.exists() and not old.exists()
+    assert other.exists() and alive.exists()
