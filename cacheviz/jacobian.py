@@ -242,17 +242,46 @@ def heatmaps(v: Victims, x: torch.Tensor) -> dict[str, np.ndarray]:
     return {m: j[0].reshape(-1, ch, h, w).abs().sum(1).detach().cpu().numpy() for m, j in js.items()}
 
 
-def spectrum_at_theta(v: Victims, x: torch.Tensor, theta: float) -> np.ndarray:
-    """The C singular values (descending) of the cache-only model's J for one image at another
-    theta: a large theta sharpens the softmax over the cache, which saturates and flattens the
-    gradient."""
-    from .attacks import fp32
+# How theta moves J. d p_mem / d sims = theta Vᵀ (diag(w) - w wᵀ) with w = softmax(theta sims): a
+# factor theta, times the spread of w over the classes. While w is spread, J grows with theta;
+# once w saturates on one class's nearest items J falls towards 0 — except at images close to a
+# tie between two classes' nearest items, whose J keeps growing. Which wins in the MEAN depends
+# on the data: on CIFAR-10 (ResNet20, layer3.0 keys, 1,000 cached items, 30 images) it rose at
+# every step from theta = 10 to 1000 while the median fell beyond theta = 90; on digits (the
+# default setup) mean and median peak near theta = 10 and fall (README, "Jacobians";
+# tests/test_jacobian.py checks the digits shape). A large theta does not simply flatten J.
 
+
+def _at_theta(v: Victims, theta: float) -> Victims:
     theta = float(theta)
     if not math.isfinite(theta) or theta <= 0:
         raise CachevizError("theta must be a positive number", param="theta", value=theta)
     # a fresh Victims rather than editing v: v is shared by every session looking at this setup
-    other = Victims(v.spec, v.memory, v.layers, v.theta, v.lam, theta, device=v.device)
+    return Victims(v.spec, v.memory, v.layers, v.theta, v.lam, theta, device=v.device)
+
+
+def cache_only_norms(v: Victims, x: torch.Tensor, thetas, batch: int = JACOBIAN_BATCH) -> dict[float, torch.Tensor]:
+    """{theta: (N,) Frobenius norms of the cache-only model's J} for the normalised images x at
+    each theta, with v's cache and keys (v's own theta and lam are not used)."""
+    from .attacks import fp32
+
+    out = {}
+    for theta in thetas:
+        other = _at_theta(v, theta)
+        with fp32():
+            out[float(theta)] = torch.cat([batch_jacobians(other, x[s:s + batch])["cache-only"].detach().flatten(1)
+                                           .norm(dim=1).cpu() for s in range(0, len(x), batch)])
+    return out
+
+
+def spectrum_at_theta(v: Victims, x: torch.Tensor, theta: float) -> np.ndarray:
+    """The C singular values (descending) of the cache-only model's J for one image at another
+    theta. A larger theta sharpens the softmax over the cache: J scales with theta while the
+    softmax is spread and collapses once it saturates, so one image's J may grow or shrink (see
+    the note above `cache_only_norms`)."""
+    from .attacks import fp32
+
+    other = _at_theta(v, theta)
     with fp32():
         j = batch_jacobians(other, x[:1])["cache-only"][0].detach()
     return torch.linalg.svdvals(j).cpu().numpy()

@@ -126,9 +126,12 @@ with ui.experiment_page("jc", "Jacobians (Fig. 4)", INTRO) as choice:
     t1, t2 = st.columns([2, 3])
     theta = t1.slider("θ of the cache-only model", lo, hi, float(min(max(v.theta_cache_only, lo), hi)), 1.0,
                       key="jc_theta")
-    t1.markdown("A large θ sharpens the softmax over the cache's similarities: it saturates on the nearest stored "
-                "images, and the gradient flattens — a smaller J, but one that says less about how far the "
-                "nearest decision boundary is.")
+    t1.markdown("A larger θ sharpens the softmax over the cache's similarities. J carries a factor θ, so it grows "
+                "with θ while that softmax is spread over several classes; once it saturates on one class's nearest "
+                "stored images J falls, except near a tie between two classes, where it gets steeper still. A large "
+                "θ does **not** simply flatten J: measured mean ‖J‖ of the cache-only model on CIFAR-10 (ResNet20) "
+                "rose at every step from θ = 10 to 1000, while on digits it peaks near θ = 10 and then falls "
+                "(the README's Jacobians section).")
     with st.spinner("Singular values at this θ…"):
         own = lab.spectrum_at_theta(test_idx, v.theta_cache_only)
         at = lab.spectrum_at_theta(test_idx, theta)

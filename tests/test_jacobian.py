@@ -88,6 +88,35 @@ def test_singular_values_and_norms_of_a_known_matrix(victims):
     assert torch.allclose(torch.linalg.svdvals(a), torch.tensor([3.0, 2.0, 1.0]), atol=1e-5)
 
 
+def test_cache_only_norm_against_theta_on_digits_rises_then_falls(victims):
+    """The direction of theta, on a fixed setup: the digits default cache (1,348 training items,
+    relu3 keys) and the first 40 images of the test part (with the fixture's kind of noise).
+    d p_mem / d x carries a factor theta times the spread of softmax(theta sims), so the mean |J|
+    first grows about in proportion to theta, then falls as the softmax saturates (measured:
+    0.040, 0.122, 0.306, 0.118, 0.027, 0.0005 at theta 1, 3, 10, 30, 90, 200). On CIFAR-10 it
+    rises instead over the whole tuned range (README, "Jacobians"): not "a large theta flattens"."""
+    from itertools import pairwise
+
+    from cacheviz.jacobian import cache_only_norms, spectrum_at_theta
+
+    v, _, ws = victims
+    g = torch.Generator().manual_seed(0)
+    x = ws.spec.preprocess(ws.ds.test_x[ws.split.test_idx[:40]])
+    x = x + 0.05 * torch.randn(x.shape, generator=g)
+    thetas = (1.0, 3.0, 10.0, 30.0, 90.0, 200.0)
+    norms = cache_only_norms(v, x, thetas)
+    mean = {t: float(norms[t].mean()) for t in thetas}
+    assert 2.5 < mean[3.0] / mean[1.0] < 3.5, mean  # soft softmax: J about proportional to theta
+    rising, falling = (1.0, 3.0, 10.0), (10.0, 30.0, 90.0, 200.0)
+    for lo, hi in pairwise(rising):
+        assert mean[hi] > 1.5 * mean[lo], (lo, hi, mean)
+    for lo, hi in pairwise(falling):
+        assert mean[lo] > 1.5 * mean[hi], (lo, hi, mean)
+    # the explorer's spectrum is the same Jacobian: its norm is the image's |J| at that theta
+    sv = spectrum_at_theta(v, x[:1], 30.0)
+    assert float((sv ** 2).sum() ** 0.5) == pytest.approx(float(norms[30.0][0]), rel=1e-4)
+
+
 def test_cli_jacobian_rows(data_dir, tmp_path):
     import json
 
