@@ -60,7 +60,16 @@ def test_resnet20_cache_resists_the_networks_fgsm_adversarials(cifar_dir):
     assert by["network"]["accuracy"] < 0.2
     assert by["cache"]["accuracy"] > by["network"]["accuracy"] + 0.3
     assert by["cache-only"]["accuracy"] > by["network"]["accuracy"] + 0.3
-    assert 0.001 < by["network"]["rho_adv"] < 0.05  # the paper's FGSM: 0.014
+    # rho_adv measured here: 0.010475 (mean over the 100 images, all flipped; the paper's FGSM:
+    # 0.014), on the CPU with torch 2.14.1, by
+    #   .venv/bin/python -m pytest -q -m slow tests/test_cifar_slow.py -k fgsm_adversarials
+    # and read from the stored attack rows. The bisection pins each image's flip epsilon to 0.65%,
+    # so one machine repeats it to rounding. Tolerance 0.001 (~10%) for another machine or
+    # library (a GPU, other torch or JPEG-decoder versions): a flipped near-zero gradient sign or
+    # a pixel decoded one level off can move an image's flip point by a whole grid step (x1.41),
+    # which moves the mean by at most 0.194 * 0.41 / 100 = 0.0008 for the largest rho_adv here.
+    # A different sample of images is meant to fail: its standard error is 0.002.
+    assert by["network"]["rho_adv"] == pytest.approx(0.010475, abs=0.001)
 
 
 def test_resnet20_jacobians_as_the_readme_says(cifar_dir):
