@@ -136,7 +136,7 @@ class _Shared:
         self.index_rows = 0
         self.index_kind: str | None = None
         self.ws = None
-        self.tests_checked = None  # test.safetensors' stamp when last verified
+        self.tests: tuple = (None, None)  # (test.safetensors' stamp, its checked tensors)
 
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
@@ -326,7 +326,7 @@ class KnowledgeStore:
         test_idx, y_test = ws.split.test_idx, data.y_test
         pick = balanced_subset(y_test, EVAL_ITEMS, setup.seed)
         uid = secrets.token_hex(8)
-        tmp = root / f".creating-{name}.{os.getpid()}.{uid}"
+        tmp = root / f".creating-{name}.{store.writer_tag()}.{uid}"
         tmp.mkdir(parents=True)
         coll = kdb.new_collection_name(name, uid)
         try:
@@ -395,7 +395,8 @@ class KnowledgeStore:
         if not force and stamp == s.stamp and stamp is not None:
             return
         with s.lock:
-            r = kversions.read(self.path)
+            # forced (on open): every manifest checked again; else only what others added since
+            r = kversions.read(self.path, known=None if force else s.versions)
             problems = r.problems
             if self._creating or (not r.versions and not r.journal_only and r.head is None
                                   and not (self.path / kversions.MANIFESTS).exists()):
@@ -578,7 +579,7 @@ class KnowledgeStore:
 
     def _commit(self, v: Version) -> Version:
         kversions.write(self.path, v)
-        self._sync(force=True)
+        self._sync()  # head.json changed: takes in `v` and its segment
         return v
 
     @contextlib.contextmanager
@@ -586,7 +587,7 @@ class KnowledgeStore:
         """An edit: the lock, then everything others committed (keys included), then the checks
         that must pass before anything is written."""
         with self._edit_lock():
-            self._sync(force=True)
+            self._sync()
             self.test_items()  # a damaged test file fails here, not after the commit (a retry would add twice)
             yield
 
@@ -961,6 +962,9 @@ class KnowledgeStore:
 
     def test_items(self) -> dict[str, torch.Tensor]:
         f = self.path / "test.safetensors"
+        stamp = _stamp(f)
+        if stamp is not None and self._s.tests[0] == stamp:
+            return self._s.tests[1]  # read and checked once while the file stays the same
         with warnings.catch_warnings():  # the sentence below says what to do; load_tensors' "rebuilt" would not hold
             warnings.simplefilter("ignore")
             got = store.load_tensors(f)
@@ -968,6 +972,7 @@ class KnowledgeStore:
             raise StoreDamaged(f"knowledge store {self.name}'s test items (test.safetensors) are "
                                f"{'missing' if not f.exists() else 'damaged'}; nothing was changed",
                                "create a new store with `store create --name NEW`")
+        self._s.tests = (stamp, got[0])
         return got[0]
 
     def evaluate(self, version: int | None = None, k: int = DEFAULT_K) -> Evaluation:
@@ -1048,23 +1053,12 @@ def _discard(folder: Path) -> None:
     shutil.rmtree(folder, ignore_errors=True)
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's live process
-        return True
-    return True
-
-
 def sweep_unfinished(root: Path) -> list[str]:
     """The hidden folders of creates whose process is gone (killed, or the disk filled)."""
     gone = []
     for d in Path(root).glob(".creating-*"):
         parts = d.name.split(".")
-        pid = int(parts[-2]) if len(parts) >= 3 and parts[-2].isdigit() else None
-        if pid is not None and pid != os.getpid() and not _pid_alive(pid):
+        if len(parts) >= 3 and store.writer_gone(parts[-2]):
             _discard(d)
             gone.append(d.name)
     return gone

@@ -109,13 +109,18 @@ class Reading:
         return self.versions[max(self.versions)] if self.versions else None
 
 
-def read(root: Path, legacy: bool = False) -> Reading:
+def read(root: Path, legacy: bool = False, known: dict[int, Version] | None = None) -> Reading:
     """Read and check every manifest and head.json. `legacy`: a store made before manifests were
-    sealed (its manifests are taken as they are, once, and sealed by `upgrade`)."""
+    sealed (its manifests are taken as they are, once, and sealed by `upgrade`). `known`: versions
+    already read and checked by this process, taken as they are (only new manifests are read;
+    a missing one is still noticed), so following others' commits costs what they added."""
     versions: dict[int, Version] = {}
     problems, damaged = [], []
     files = {n: f for f in (root / MANIFESTS).glob("*.json") if (n := _number(f)) is not None}
     for n, f in sorted(files.items()):
+        if known and n in known:
+            versions[n] = known[n]
+            continue
         try:
             body = json.loads(f.read_bytes()) if legacy else unseal(f)
             if legacy:

@@ -91,7 +91,7 @@ def _atomic_target(path: str | os.PathLike) -> Iterator[str]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     sweep_stale_temps(path.parent)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}h{_HOST}.", suffix=_TMP_SUFFIX)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{writer_tag()}.", suffix=_TMP_SUFFIX)
     os.close(fd)
     try:
         yield tmp
@@ -118,6 +118,23 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def writer_tag() -> str:
+    """This process as a writer, in names of files or folders it may leave behind: its id and
+    its host (a process id means something only on the host that made it)."""
+    return f"{os.getpid()}h{_HOST}"
+
+
+def writer_gone(tag: str) -> bool:
+    """True when the writer named by `tag` (see `writer_tag`; a bare process id is an older name
+    of this host's) is known to be dead: never for this process or another machine's writer."""
+    pid_text, _, host = tag.partition("h")
+    if host and host != _HOST:
+        return False  # only that machine can tell whether its writer is alive
+    if not pid_text.isdigit() or int(pid_text) == os.getpid():
+        return False
+    return not _pid_alive(int(pid_text))
+
+
 def sweep_stale_temps(folder: str | os.PathLike, force: bool = False) -> list[str]:
     """Remove temp files in `folder` whose writing process is gone (once per folder and process)."""
     folder = str(folder)
@@ -133,12 +150,7 @@ def sweep_stale_temps(folder: str | os.PathLike, force: bool = False) -> list[st
         if not (e.name.startswith(".") and e.name.endswith(_TMP_SUFFIX)):
             continue
         parts = e.name[: -len(_TMP_SUFFIX)].split(".")  # "", name..., pid, random
-        tag = parts[-2] if len(parts) >= 4 else ""
-        pid_text, _, host = tag.partition("h")
-        if host and host != _HOST:
-            continue  # another machine's writer: only that machine can tell whether it is alive
-        pid = int(pid_text) if pid_text.isdigit() else None
-        if pid is not None and pid != os.getpid() and not _pid_alive(pid):
+        if len(parts) >= 4 and writer_gone(parts[-2]):
             try:
                 os.unlink(e.path)
                 removed.append(e.name)
