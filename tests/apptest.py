@@ -2,6 +2,7 @@
 opening one page of the real app."""
 from __future__ import annotations
 
+import io
 import time
 from pathlib import Path
 
@@ -35,3 +36,15 @@ def open_page(entry: str, page: str) -> AppTest:
     at.switch_page(str(PAGES / page)).run()
     no_problems(at)
     return at
+
+
+def one_png() -> bytes:
+    """A light '1' on black, as the digits data set draws them: an upload the pages accept."""
+    import numpy as np
+    from PIL import Image
+
+    a = np.zeros((32, 32, 3), np.uint8)
+    a[4:28, 14:19] = 230
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, format="PNG")
+    return buf.getvalue()

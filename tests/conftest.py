@@ -77,3 +77,14 @@ def _no_env_data_dir(monkeypatch):
     # AppTest runs the app in this process: its jobs run in threads here, where tests can patch
     # the engine; the real-server tests (browser, load) use worker processes as the app does.
     monkeypatch.setenv("CACHEVIZ_WORKERS", "0")
+
+
+@pytest.fixture(scope="module")
+def base(data_dir):
+    """The digits setup's knowledge store (made once per session's data directory); store tests
+    edit private copies of it. A module may override it (the Milvus server's tests do)."""
+    pytest.importorskip("pymilvus")
+    from cacheviz import kstore
+    from cacheviz.config import Setup
+
+    return kstore.open_or_create(Setup(), data_dir)

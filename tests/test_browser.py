@@ -9,33 +9,24 @@ waits for the gallery and saves a screenshot (its path is printed). Needs Debian
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import os
 import time
 from pathlib import Path
 
 import pytest
 
+from browsers import CHROMIUM, browser_harness, load_harness  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
-CHROMIUM = "/usr/bin/chromium"
 
 pytestmark = pytest.mark.browser
 
 
-def _load_harness():
-    """benchmarks/load.py starts and stops the real server for the load test too."""
-    spec = importlib.util.spec_from_file_location("load", REPO / "benchmarks" / "load.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @pytest.fixture
 def server(tmp_path):
-    if not Path(CHROMIUM).exists():
-        pytest.skip(f"{CHROMIUM} is missing; install Debian's chromium (apt-get install -y chromium)")
-    pytest.importorskip("playwright.sync_api", reason="the Python package playwright is missing (pip install playwright)")
-    load = _load_harness()
+    load = browser_harness()
     port = load.free_port()
     log = tmp_path / "streamlit.log"
     proc = load.start_server(tmp_path / "data", port, log)
@@ -57,7 +48,7 @@ def _built_app(server, height: int):
     shots = Path(os.environ.get("CACHEVIZ_SHOTS_DIR") or tmp)
     shots.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=_load_harness().CHROMIUM_ARGS, headless=True)
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=load_harness().CHROMIUM_ARGS, headless=True)
         try:
             page = browser.new_page(viewport={"width": 1400, "height": height})
             page.goto(url)
@@ -71,11 +62,11 @@ def test_build_upload_and_gallery_in_chromium(server):
     from playwright.sync_api import sync_playwright
 
     url, tmp = server
-    png = _load_harness().digit_png(tmp / "seven.png")
+    png = load_harness().digit_png(tmp / "seven.png")
     shots = Path(os.environ.get("CACHEVIZ_SHOTS_DIR") or tmp)
     shots.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=_load_harness().CHROMIUM_ARGS, headless=True)
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=load_harness().CHROMIUM_ARGS, headless=True)
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 1800})
             t0 = time.perf_counter()
@@ -240,7 +231,7 @@ def test_knowledge_store_remove_undo_teach_in_chromium(server):
     from playwright.sync_api import sync_playwright
 
     url, tmp = server
-    png = _load_harness().digit_png(tmp / "seven.png")
+    png = load_harness().digit_png(tmp / "seven.png")
     shots = Path(os.environ.get("CACHEVIZ_SHOTS_DIR") or tmp)
     shots.mkdir(parents=True, exist_ok=True)
 
@@ -257,7 +248,7 @@ def test_knowledge_store_remove_undo_teach_in_chromium(server):
             raise AssertionError(f"could not pick {option} in {label}")
 
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=_load_harness().CHROMIUM_ARGS, headless=True)
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=load_harness().CHROMIUM_ARGS, headless=True)
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 3800})
             page.goto(url)

@@ -11,7 +11,6 @@ whose file name is a Markdown link: it shows as text, never as a link. Needs Deb
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import time
@@ -19,29 +18,21 @@ from pathlib import Path
 
 import pytest
 
+from browsers import CHROMIUM, browser_harness, load_harness  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
-CHROMIUM = "/usr/bin/chromium"
 PASSWORD = "correct horse battery"
 EVIL = "[x](https:evil.example).png"
 
 pytestmark = pytest.mark.browser
 
 
-def _load_harness():
-    """benchmarks/load.py starts and stops the real server for the load test too."""
-    spec = importlib.util.spec_from_file_location("load", REPO / "benchmarks" / "load.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @pytest.fixture
 def server(tmp_path, monkeypatch):
-    if not Path(CHROMIUM).exists():
-        pytest.skip(f"{CHROMIUM} is missing; install Debian's chromium (apt-get install -y chromium)")
-    pytest.importorskip("playwright.sync_api", reason="the Python package playwright is missing (pip install playwright)")
     monkeypatch.setenv("CACHEVIZ_TEACHER_PASSWORD", PASSWORD)  # the server's environment is this one's
-    load = _load_harness()
+    load = browser_harness()
     port = load.free_port()
     log = tmp_path / "streamlit.log"
     proc = load.start_server(tmp_path / "data", port, log)
@@ -97,14 +88,14 @@ def test_students_edit_their_own_copy_until_the_teacher_publishes(server):
     from playwright.sync_api import sync_playwright
 
     url, tmp = server
-    png = _load_harness().digit_png(tmp / "seven.png")
+    png = load_harness().digit_png(tmp / "seven.png")
     evil = tmp / EVIL
     evil.write_bytes(png.read_bytes())
     shots = Path(os.environ.get("CACHEVIZ_SHOTS_DIR") or tmp)
     shots.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=_load_harness().CHROMIUM_ARGS, headless=True)
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=load_harness().CHROMIUM_ARGS, headless=True)
         pages = {}
         try:
             for who in ("teacher", "a", "b"):  # a browser profile each, as each person's is

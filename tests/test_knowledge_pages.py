@@ -4,15 +4,12 @@ does not), the edit is undone, an uploaded image is taught with a label, and a b
 one sentence."""
 from __future__ import annotations
 
-import io
 
-import numpy as np
 import pytest
-from PIL import Image
 
 pytest.importorskip("streamlit")
 
-from apptest import no_problems, open_page, until  # noqa: E402
+from apptest import no_problems, one_png, open_page, until  # noqa: E402
 
 from cacheviz import ui  # noqa: E402
 
@@ -20,15 +17,6 @@ from cacheviz import ui  # noqa: E402
 @pytest.fixture(scope="module")
 def entry(app_entry):
     return app_entry
-
-
-def _one_png() -> bytes:
-    """A light '1' on black, as the digits data set draws them."""
-    a = np.zeros((32, 32, 3), np.uint8)
-    a[4:28, 14:19] = 230
-    buf = io.BytesIO()
-    Image.fromarray(a).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def _metric(at, label: str) -> str:
@@ -86,7 +74,7 @@ def test_create_forget_undo_and_teach(env, entry):
     assert table.loc["3", "cache-only after (%)"] > 50  # v3 against the v2 it undid
 
     # teach: an uploaded '1', labelled 1
-    at.file_uploader(key="ks_files_0").set_value(("one.png", _one_png(), "image/png")).run()
+    at.file_uploader(key="ks_files_0").set_value(("one.png", one_png(), "image/png")).run()
     at.selectbox(key="ks_label").set_value(1).run()
     at.button(key="ks_add").click().run()
     no_problems(at)
@@ -98,7 +86,7 @@ def test_create_forget_undo_and_teach(env, entry):
     assert list(history["detail"])[0] == "1 image labelled 1 (one.png)"  # the plain name, not Markdown
     # asked with the same image, the store retrieves the added item
     at.radio(key="ks_source").set_value("Upload").run()
-    at.file_uploader(key="ks_query_file").set_value(("one.png", _one_png(), "image/png")).run()
+    at.file_uploader(key="ks_query_file").set_value(("one.png", one_png(), "image/png")).run()
     no_problems(at)
     assert any("added #" in c and c.startswith("1 · sim 1.000") for c in _captions(at)), _captions(at)
 

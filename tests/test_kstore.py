@@ -18,16 +18,10 @@ from PIL import Image
 
 from cacheviz import kstore
 from cacheviz.__main__ import main
-from cacheviz.config import Setup
 from cacheviz.errors import CachevizError
 
 REPO = Path(__file__).resolve().parents[1]
 pytest.importorskip("pymilvus")
-
-
-@pytest.fixture(scope="module")
-def base(data_dir) -> kstore.KnowledgeStore:
-    return kstore.open_or_create(Setup(), data_dir)
 
 
 @pytest.fixture

@@ -27,11 +27,6 @@ REPO = Path(__file__).resolve().parents[1]
 pytest.importorskip("pymilvus")
 
 
-@pytest.fixture(scope="module")
-def base(data_dir) -> kstore.KnowledgeStore:
-    return kstore.open_or_create(Setup(), data_dir)
-
-
 @pytest.fixture
 def ks(base, tmp_path) -> kstore.KnowledgeStore:
     """A private copy of the base store in a data directory of its own (checkpoint and features

@@ -8,16 +8,14 @@ database's password or token, the server's absolute data directory, a live link 
 name."""
 from __future__ import annotations
 
-import io
 import sys
 
 import numpy as np
 import pytest
-from PIL import Image
 
 pytest.importorskip("streamlit")
 
-from apptest import PAGES, no_problems, open_page, until  # noqa: E402
+from apptest import PAGES, no_problems, one_png, open_page, until  # noqa: E402
 
 from cacheviz.ui import roles  # noqa: E402
 
@@ -72,14 +70,6 @@ def _sign_in(at, password: str = PASSWORD):
 
 def _has(at, key: str) -> bool:
     return any(getattr(b, "key", None) == key for b in at.button)
-
-
-def _png() -> bytes:
-    a = np.zeros((32, 32, 3), np.uint8)
-    a[4:28, 14:19] = 230
-    buf = io.BytesIO()
-    Image.fromarray(a).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -262,12 +252,12 @@ def test_file_names_are_inert(role_off, entry):
         until(at, lambda a: a.metric)
     n = len(at.file_uploader)
     key = next(f.key for f in at.file_uploader if f.key.startswith("ks_files_"))
-    at.file_uploader(key=key).set_value((EVIL, _png(), "image/png")).run()
+    at.file_uploader(key=key).set_value((EVIL, one_png(), "image/png")).run()
     at.button(key="ks_add").click().run()
     no_problems(at)
     assert any("evil" in s.value for s in at.success)
     at.radio(key="ks_source").set_value("Upload").run()
-    at.file_uploader(key="ks_query_file").set_value((EVIL, _png(), "image/png")).run()
+    at.file_uploader(key="ks_query_file").set_value((EVIL, one_png(), "image/png")).run()
     no_problems(at)
     assert n
     # wherever Markdown renders it (notes, captions, expander labels, image captions), the

@@ -11,7 +11,6 @@ for the store is what `python -m cacheviz store list` prints.
 from __future__ import annotations
 
 import csv
-import importlib.util
 import io
 import json
 import os
@@ -25,10 +24,11 @@ from pathlib import Path
 
 import pytest
 
+from browsers import CHROMIUM, browser_harness, load_harness  # noqa: E402
+
 from cacheviz.locks import WAITING_OTHER, build_lock, lock_path
 
 REPO = Path(__file__).resolve().parents[1]
-CHROMIUM = "/usr/bin/chromium"
 
 
 def _env() -> dict:
@@ -179,20 +179,11 @@ def test_two_cli_runs_of_one_study_build_it_once(tmp_path):
 # Two real servers, two browsers (-m load)
 
 
-def _harness():
-    """benchmarks/load.py starts and stops real servers for the load test too."""
-    spec = importlib.util.spec_from_file_location("load", REPO / "benchmarks" / "load.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @pytest.fixture
 def two_servers(tmp_path):
-    if not Path(CHROMIUM).exists():
-        pytest.skip(f"{CHROMIUM} is missing; install Debian's chromium (apt-get install -y chromium)")
-    pytest.importorskip("playwright.sync_api", reason="the Python package playwright is missing")
-    load = _harness()
+    load = browser_harness()
     data = tmp_path / "data"
     ports, logs, procs, errors = [load.free_port(), load.free_port()], [tmp_path / "s1.log", tmp_path / "s2.log"], \
         [None, None], []
@@ -300,7 +291,7 @@ def test_two_servers_one_data_directory(two_servers):
     t0 = time.perf_counter()
     wait = 240_000
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=_harness().CHROMIUM_ARGS, headless=True)
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=load_harness().CHROMIUM_ARGS, headless=True)
         try:
             pages = []
             for url in urls:
